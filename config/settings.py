@@ -1,0 +1,193 @@
+"""Typed settings read from the environment.
+
+The names in the product contract (APP_ENV, DATABASE_URL, CELERY_BROKER_URL, REDIS_URL,
+IKHOKHA_*, PUBLIC_BASE_URL, PORT) are kept; everything else has a SKILLPAY_ prefix.
+Development needs no servers: SQLite and a SQLite-backed Celery broker under ./var.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# Placeholders for the local simulator only. They are not credentials: production refuses them.
+DEV_APP_ID = "skillpay-dev-app"
+DEV_APP_SECRET = "dev-only-secret-not-for-production"  # noqa: S105
+
+APP_ENVS = ("development", "test", "production")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says every reason."""
+
+
+def _bool(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+def _var_dir() -> Path:
+    return Path(os.environ.get("SKILLPAY_VAR_DIR", "var")).resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_env: str = "development"
+    database_url: str = ""
+    celery_broker_url: str = ""
+    redis_url: str = ""
+    ikhokha_api_url: str = ""
+    ikhokha_app_id: str = ""
+    ikhokha_app_secret: str = field(default="", repr=False)
+    ikhokha_mode: str = "live"
+    # Confirm a SUCCESS callback with iKhokha's status endpoint before granting access.
+    ikhokha_confirm_with_status: bool = False
+    ikhokha_connect_timeout: float = 3.05
+    ikhokha_read_timeout: float = 10.0
+    public_base_url: str = "http://127.0.0.1:8000"
+    port: int = 8000
+    webhook_max_bytes: int = 64 * 1024
+    # Pipeline retries: exponential backoff with full jitter, bounded well below the
+    # broker's visibility timeout so a retried message is never also redelivered.
+    pipeline_max_retries: int = 5
+    pipeline_retry_base_seconds: float = 1.0
+    pipeline_retry_max_seconds: float = 60.0
+    # An inbox row that made no progress for this long is re-driven by the sweeper.
+    pipeline_stale_after_seconds: float = 300.0
+    sweep_interval_seconds: float = 30.0
+    broker_visibility_timeout: int = 3600
+    # Payment-type detection: below this confidence a card SUCCESS waits for an admin.
+    card_min_confidence: float = 0.8
+    enrollment_expiry_hours: int = 72
+    db_lock_timeout_ms: int = 5000
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        app_env = env.get("APP_ENV", "development").strip() or "development"
+        if app_env not in APP_ENVS:
+            raise ConfigError(f"APP_ENV must be one of {', '.join(APP_ENVS)}, not {app_env!r}")
+        production = app_env == "production"
+        var = _var_dir()
+        port = env.get("PORT", "8000")
+        values: dict[str, object] = {
+            "app_env": app_env,
+            "database_url": env.get("DATABASE_URL") or f"sqlite:///{var}/skillpay.db",
+            "celery_broker_url": env.get("CELERY_BROKER_URL")
+            or f"sqla+sqlite:///{var}/celery-broker.db",
+            "redis_url": env.get("REDIS_URL", ""),
+            "ikhokha_api_url": (
+                env.get("IKHOKHA_API_URL")
+                or ("https://api.ikhokha.com" if production else "http://127.0.0.1:8010")
+            ).rstrip("/"),
+            "ikhokha_app_id": env.get("IKHOKHA_APP_ID") or ("" if production else DEV_APP_ID),
+            "ikhokha_app_secret": env.get("IKHOKHA_APP_SECRET")
+            or ("" if production else DEV_APP_SECRET),
+            "public_base_url": (
+                env.get("PUBLIC_BASE_URL") or ("" if production else f"http://127.0.0.1:{port}")
+            ).rstrip("/"),
+            "ikhokha_confirm_with_status": production,
+            "log_json": production,
+        }
+        prefixed = {
+            "port": "PORT",
+            "ikhokha_mode": "IKHOKHA_MODE",
+            "ikhokha_confirm_with_status": "IKHOKHA_CONFIRM_WITH_STATUS",
+            "ikhokha_connect_timeout": "IKHOKHA_CONNECT_TIMEOUT",
+            "ikhokha_read_timeout": "IKHOKHA_READ_TIMEOUT",
+        }
+        for f in fields(cls):
+            name = prefixed.get(f.name, "SKILLPAY_" + f.name.upper())
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                if f.type == "bool":
+                    values[f.name] = _bool(raw)
+                elif f.type == "int":
+                    values[f.name] = int(raw)
+                elif f.type == "float":
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r} is not a valid {f.type}") from exc
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def webhook_path(self) -> str:
+        """The callback URL's path as iKhokha signs it (PUBLIC_BASE_URL may carry a prefix)."""
+        return urlsplit(self.public_base_url).path.rstrip("/") + "/webhooks/ikhokha"
+
+    def url_for_public(self, path: str) -> str:
+        return self.public_base_url + path
+
+    def problems(self) -> list[str]:
+        """Every reason this configuration is unsafe; empty when it is fine to run."""
+        found: list[str] = []
+        if self.ikhokha_mode not in ("live", "test"):
+            found.append(f"IKHOKHA_MODE must be 'live' or 'test', not {self.ikhokha_mode!r}")
+        if self.pipeline_retry_max_seconds * 2 >= self.broker_visibility_timeout:
+            found.append(
+                "SKILLPAY_PIPELINE_RETRY_MAX_SECONDS must stay well below "
+                "SKILLPAY_BROKER_VISIBILITY_TIMEOUT (less than half)"
+            )
+        if not 0 < self.card_min_confidence <= 1:
+            found.append("SKILLPAY_CARD_MIN_CONFIDENCE must be in (0, 1]")
+        if not self.production:
+            return found
+        if not self.database_url.startswith("postgresql"):
+            found.append("DATABASE_URL must point at PostgreSQL in production")
+        broker = self.celery_broker_url
+        if not broker or broker.startswith(("sqla+", "memory", "filesystem")):
+            found.append("CELERY_BROKER_URL must point at Redis or RabbitMQ in production")
+        if not self.ikhokha_app_id or self.ikhokha_app_id == DEV_APP_ID:
+            found.append("IKHOKHA_APP_ID must be set to the App ID from the iKhokha dashboard")
+        if not self.ikhokha_app_secret or self.ikhokha_app_secret == DEV_APP_SECRET:
+            found.append("IKHOKHA_APP_SECRET must be set to the App Secret from iKhokha")
+        if not self.public_base_url.startswith("https://"):
+            found.append("PUBLIC_BASE_URL must be an https:// URL that iKhokha can reach")
+        if not self.ikhokha_api_url.startswith("https://"):
+            found.append("IKHOKHA_API_URL must be an https:// URL in production")
+        if not self.ikhokha_confirm_with_status:
+            found.append(
+                "IKHOKHA_CONFIRM_WITH_STATUS must stay on in production: "
+                "a callback alone must not grant access"
+            )
+        return found
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(f"refusing to start ({self.app_env}): " + "; ".join(problems))
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings
+
+
+def reset_settings(settings: Settings | None = None) -> None:
+    """Tests and the CLI swap settings here; everything else calls get_settings()."""
+    global _settings
+    _settings = settings

@@ -1,0 +1,112 @@
+"""Engine, sessions, and the after-commit hook that every enqueue goes through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import get_settings
+
+_engine: Engine | None = None
+_factory: sessionmaker[Session] | None = None
+
+
+def driver_url(url: str) -> str:
+    """psycopg2 is the driver we ship; SQLAlchemy 2.1 would otherwise pick psycopg 3."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, lock_timeout_ms: int = 5000) -> Engine:
+    url = driver_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    # A stage waiting on a row lock gives up after lock_timeout and is retried, rather than
+    # holding a worker forever; a connection left idle inside a transaction is closed.
+    options = f"-c lock_timeout={lock_timeout_ms} -c idle_in_transaction_session_timeout=60000"
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"options": options, "connect_timeout": 5},
+    )
+
+
+def get_engine() -> Engine:
+    global _engine, _factory
+    if _engine is None:
+        settings = get_settings()
+        _engine = make_engine(settings.database_url, settings.db_lock_timeout_ms)
+        _factory = sessionmaker(_engine, expire_on_commit=False)
+    return _engine
+
+
+def reset_engine() -> None:
+    """Drop the engine (after a fork, or when tests change DATABASE_URL)."""
+    global _engine, _factory
+    if _engine is not None:
+        _engine.dispose()
+    _engine = None
+    _factory = None
+
+
+def new_session() -> Session:
+    get_engine()
+    assert _factory is not None
+    return _factory()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One transaction: commit on success, roll back on error, always close."""
+    session = new_session()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def on_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run callback once the session's transaction has committed; drop it on rollback.
+
+    Every message to the broker is sent from here, so a worker never sees an id whose row is
+    not yet committed, and a rolled-back change never sends one.
+    """
+    session.info.setdefault("on_commit", []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_on_commit(session: Session) -> None:
+    callbacks = session.info.pop("on_commit", [])
+    for callback in callbacks:
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_on_commit(session: Session) -> None:
+    session.info.pop("on_commit", None)

@@ -1,0 +1,289 @@
+"""The tables. Rows, not behaviour: state changes live in pipeline/."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Integer on SQLite so that the primary key is its rowid and autoincrements.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Role(enum.StrEnum):
+    STUDENT = "student"
+    ADMIN = "admin"
+
+
+class State(enum.StrEnum):
+    PENDING_PAYMENT = "pending_payment"
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    PAYMENT_FAILED = "payment_failed"
+    REJECTED = "rejected"
+    REFUNDED = "refunded"
+    EXPIRED = "expired"
+
+
+# An enrollment in one of these states blocks a second one for the same student and course.
+OPEN_STATES = (State.PENDING_PAYMENT, State.PENDING_APPROVAL, State.APPROVED)
+
+
+class PaymentMethod(enum.StrEnum):
+    CARD = "card"
+    EFT = "eft"
+
+
+class EventState(enum.StrEnum):
+    RECEIVED = "received"  # stored, not yet picked up
+    PROCESSING = "processing"  # a stage is running or waiting to retry
+    COMPLETED = "completed"
+    DEAD = "dead"  # in the dead-letter table
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default=Role.STUDENT)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
+
+
+class ApiToken(Base):
+    """A bearer token, stored only as its SHA-256; the token itself is shown once."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    user: Mapped[User] = relationship()
+
+
+class Course(Base):
+    __tablename__ = "courses"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    price_cents: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str] = mapped_column(String(3), default="ZAR")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Enrollment(Base):
+    __tablename__ = "enrollments"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), index=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    payment_method: Mapped[str] = mapped_column(String(8))
+    # Why it waits for an admin (EFT, uncertain payment type, amount mismatch, ...).
+    waiting_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Shown to the student when an admin rejects.
+    rejection_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    approved_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    user: Mapped[User] = relationship()
+    course: Mapped[Course] = relationship()
+
+    __table_args__ = (
+        Index(
+            "uq_enrollments_open_per_course",
+            "user_id",
+            "course_id",
+            unique=True,
+            postgresql_where=text("state IN ('pending_payment','pending_approval','approved')"),
+            sqlite_where=text("state IN ('pending_payment','pending_approval','approved')"),
+        ),
+    )
+
+    @property
+    def course_access(self) -> bool:
+        return self.state == State.APPROVED
+
+
+class Payment(Base):
+    """One attempt to pay for an enrollment; its id is iKhokha's externalTransactionID."""
+
+    __tablename__ = "payments"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str] = mapped_column(String(3), default="ZAR")
+    reference: Mapped[str] = mapped_column(String(40), unique=True)
+    paylink_id: Mapped[str | None] = mapped_column(String(128), unique=True, default=None)
+    paylink_url: Mapped[str | None] = mapped_column(Text, default=None)
+    gateway_status: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    enrollment: Mapped[Enrollment] = relationship()
+
+
+class WebhookEvent(Base):
+    """The inbox: each callback exactly as received, and how far the pipeline has taken it."""
+
+    __tablename__ = "webhook_events"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    path: Mapped[str] = mapped_column(String(300))
+    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    deliveries: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=EventState.RECEIVED, index=True)
+    # The next stage to run (or the one that failed, when dead).
+    stage: Mapped[str] = mapped_column(String(32))
+    paylink_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    external_transaction_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    callback_status: Mapped[str | None] = mapped_column(String(32), default=None)
+    payment_id: Mapped[str | None] = mapped_column(ForeignKey("payments.id"), default=None)
+    enrollment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("enrollments.id"), default=None, index=True
+    )
+    payment_type: Mapped[str | None] = mapped_column(String(16), default=None)
+    detection: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # What the enrollment lookup found wrong (amount, currency, course, student), if anything.
+    checks: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    decision: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    history_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    outcome: Mapped[str | None] = mapped_column(Text, default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StageAttempt(Base):
+    __tablename__ = "stage_attempts"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("webhook_events.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | skipped | retry | failed
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[float] = mapped_column(default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("webhook_events.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    error_code: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    replay_count: Mapped[int] = mapped_column(Integer, default=0)
+    replayed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set when a replay was enqueued; a dead letter with it set no longer counts as open.
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    event: Mapped[WebhookEvent] = relationship()
+
+
+class EnrollmentHistory(Base):
+    """One row per state change: from, to, who, through what, why, when."""
+
+    __tablename__ = "enrollment_history"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(64))
+    actor_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id"), default=None, index=True
+    )
+    source: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("webhook_events.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Notification(Base):
+    """What was pushed to a student or to the admins, kept so a client can catch up."""
+
+    __tablename__ = "notifications"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    audience: Mapped[str] = mapped_column(String(16))  # student | admins
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None, index=True)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(48))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BulkJob(Base):
+    """An admin's bulk approval, run by a Celery task in batches, resumable."""
+
+    __tablename__ = "bulk_jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    kind: Mapped[str] = mapped_column(String(32), default="approve")
+    admin_user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # The same Idempotency-Key from the same admin returns the same job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), default=None)
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (UniqueConstraint("admin_user_id", "idempotency_key"),)
+
+
+class BulkJobItem(Base):
+    __tablename__ = "bulk_job_items"
+    job_id: Mapped[str] = mapped_column(ForeignKey("bulk_jobs.id"), primary_key=True)
+    enrollment_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(
+        String(16), default="pending"
+    )  # pending|approved|skipped|failed
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_bulk_job_items_pending", "job_id", "outcome", "position"),)

@@ -1,0 +1,68 @@
+"""Users, roles and bearer tokens. A token is shown once and stored only as its SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from models import ApiToken, Role, User, utcnow
+from pipeline.errors import NotFound, SkillpayError
+
+TOKEN_PREFIX = "sp_"  # noqa: S105 - a prefix, not a secret
+
+
+class DuplicateUser(SkillpayError):
+    code = "duplicate_user"
+    http_status = 409
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_user(session: Session, email: str, role: str = Role.STUDENT) -> User:
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 320:
+        raise SkillpayError(f"not an email address: {email!r}")
+    if role not in (Role.STUDENT, Role.ADMIN):
+        raise SkillpayError(f"role must be student or admin, not {role!r}")
+    if session.scalar(select(User.id).where(User.email == email)) is not None:
+        raise DuplicateUser(f"a user with email {email} exists")
+    user = User(email=email, role=role)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def issue_token(session: Session, user: User) -> str:
+    """A new bearer token for the user; the only time the token itself exists."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(user_id=user.id, token_hash=hash_token(token), prefix=token[:10]))
+    session.flush()
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    # The lookup is by hash, so comparing in constant time is the database's index, not ours.
+    row = session.scalar(
+        select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+        )
+    )
+    return row.user if row is not None else None
+
+
+def revoke_tokens(session: Session, email: str, token: str | None = None) -> int:
+    """Revoke one token of a user, or all of them. Returns how many were revoked."""
+    user = session.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None:
+        raise NotFound(f"no user with email {email}")
+    stmt = update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+    if token is not None:
+        stmt = stmt.where(ApiToken.token_hash == hash_token(token))
+    return session.execute(stmt.values(revoked_at=utcnow())).rowcount

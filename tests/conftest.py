@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+from config import Settings, reset_settings
+from models import db as models_db
+from models.db import driver_url
+from tests.support import (
+    REDIS_URL,
+    TEST_APP_ID,
+    TEST_SECRET,
+    create_database,
+    drop_database,
+    unavailable,
+)
+
+# Tests never read the developer's environment for the secret or the database.
+os.environ.setdefault("APP_ENV", "test")
+
+
+def test_settings(database_url: str, **overrides) -> Settings:
+    values = {
+        "app_env": "test",
+        "database_url": database_url,
+        "celery_broker_url": REDIS_URL,
+        "redis_url": "",
+        "ikhokha_api_url": "http://127.0.0.1:9",
+        "ikhokha_app_id": TEST_APP_ID,
+        "ikhokha_app_secret": TEST_SECRET,
+        "public_base_url": "http://127.0.0.1:8000",
+        "pipeline_max_retries": 3,
+        "pipeline_retry_base_seconds": 0.05,
+        "pipeline_retry_max_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database with the migrations applied, for the whole session."""
+    try:
+        url = create_database("skillpay_unit")
+    except Exception as exc:  # noqa: BLE001
+        unavailable("PostgreSQL", exc)
+    from migrations import upgrade
+
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture
+def settings(pg_database):
+    s = test_settings(pg_database)
+    reset_settings(s)
+    yield s
+    reset_settings(None)
+
+
+@pytest.fixture
+def session(pg_database, settings):
+    """One outer transaction per test, rolled back at the end; code that commits only
+    releases a savepoint (warehouse's pattern)."""
+    engine = create_engine(driver_url(pg_database))
+    connection = engine.connect()
+    outer = connection.begin()
+    factory = sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+    saved = (models_db._engine, models_db._factory)
+    models_db._engine, models_db._factory = engine, factory
+    s = factory()
+    yield s
+    s.close()
+    models_db._engine, models_db._factory = saved
+    outer.rollback()
+    connection.close()
+    engine.dispose()

@@ -1,0 +1,63 @@
+"""Prometheus metrics: request counters here, queue and dead-letter gauges read from the database
+at scrape time (so they are right whichever process did the work)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from models import DeadLetter, Enrollment, WebhookEvent, session_scope
+
+REGISTRY = CollectorRegistry()
+WEBHOOKS = Counter(
+    "skillpay_webhooks_total", "Callbacks received, by outcome", ["outcome"], registry=REGISTRY
+)
+REQUEST_SECONDS = Histogram(
+    "skillpay_http_request_seconds",
+    "HTTP request latency",
+    ["endpoint", "status"],
+    registry=REGISTRY,
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+class DatabaseCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        events = GaugeMetricFamily(
+            "skillpay_inbox_events", "Inbox events by state", labels=["state"]
+        )
+        dead = GaugeMetricFamily("skillpay_dead_letters_open", "Dead letters not yet replayed")
+        enrollments = GaugeMetricFamily(
+            "skillpay_enrollments", "Enrollments by state", labels=["state"]
+        )
+        try:
+            with session_scope() as s:
+                for state, count in s.execute(
+                    select(WebhookEvent.state, func.count()).group_by(WebhookEvent.state)
+                ):
+                    events.add_metric([state], count)
+                dead.add_metric(
+                    [],
+                    s.scalar(
+                        select(func.count())
+                        .select_from(DeadLetter)
+                        .where(DeadLetter.resolved_at.is_(None))
+                    )
+                    or 0,
+                )
+                for state, count in s.execute(
+                    select(Enrollment.state, func.count()).group_by(Enrollment.state)
+                ):
+                    enrollments.add_metric([state], count)
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
+            return
+        yield events
+        yield dead
+        yield enrollments
+
+
+REGISTRY.register(DatabaseCollector())

@@ -1,0 +1,112 @@
+"""Request bodies and query strings, validated with marshmallow; errors become 400."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+from models import PaymentMethod, State
+from pipeline.errors import SkillpayError
+from pipeline.stages import STAGE_NAMES
+
+
+class InvalidRequest(SkillpayError):
+    code = "invalid_request"
+    http_status = 400
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class EnrollmentRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    course_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    payment_method = fields.String(
+        required=True, validate=validate.OneOf([m.value for m in PaymentMethod])
+    )
+
+
+class RejectRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    reason = fields.String(required=True, validate=validate.Length(min=1, max=1000))
+
+
+class BulkApproveRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    ids = fields.List(
+        fields.Integer(strict=True, validate=validate.Range(min=1)),
+        required=True,
+        validate=validate.Length(min=1, max=50_000),
+    )
+
+
+class ReplayRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    from_stage = fields.String(load_default=None, validate=validate.OneOf(STAGE_NAMES))
+
+
+class QueueQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(
+        load_default=State.PENDING_APPROVAL, validate=validate.OneOf([s.value for s in State])
+    )
+    course_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    payment_method = fields.String(
+        load_default=None, validate=validate.OneOf([m.value for m in PaymentMethod])
+    )
+    older_than_minutes = fields.Integer(load_default=None, validate=validate.Range(min=0))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+    per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+
+
+class PageQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+    per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    admin_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    enrollment_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
+
+
+def _first_error(messages: Any) -> str:
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            inner = _first_error(value)
+            return f"{key}: {inner}" if not str(key).startswith("_") else inner
+    if isinstance(messages, list) and messages:
+        return _first_error(messages[0])
+    return str(messages)
+
+
+def load_json(schema: Schema) -> dict[str, Any]:
+    data = request.get_json(silent=True, force=True)
+    if data is None:
+        raise InvalidRequest("the body must be valid JSON")
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_first_error(exc.messages), exc.messages) from exc
+
+
+def load_query(schema: Schema) -> dict[str, Any]:
+    try:
+        return schema.load(request.args.to_dict())
+    except ValidationError as exc:
+        raise InvalidRequest(_first_error(exc.messages), exc.messages) from exc

@@ -1,0 +1,1 @@
+"""Celery: the app, the six pipeline tasks, and the scheduled jobs."""
