@@ -61,6 +61,7 @@ class Settings:
     pipeline_stale_after_seconds: float = 300.0
     sweep_interval_seconds: float = 30.0
     broker_visibility_timeout: int = 3600
+    celery_queue: str = "skillpay"
     # Payment-type detection: below this confidence a card SUCCESS waits for an admin.
     card_min_confidence: float = 0.8
     enrollment_expiry_hours: int = 72

@@ -51,11 +51,13 @@ def can_transition(from_state: str, to_state: str) -> bool:
 
 def lock_enrollments(session: Session, ids: Sequence[int]) -> dict[int, Enrollment]:
     # Locked in id order, so two transactions locking overlapping sets cannot deadlock.
+    # FOR NO KEY UPDATE: rows that merely reference the enrollment (history, notifications,
+    # an inbox row's enrollment_id) can still be written by others meanwhile.
     rows = session.scalars(
         select(Enrollment)
         .where(Enrollment.id.in_(sorted(set(ids))))
         .order_by(Enrollment.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )
     return {row.id: row for row in rows}

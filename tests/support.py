@@ -21,7 +21,7 @@ from pipeline.enrollments import new_reference
 from pipeline.signing import compact_json, sign
 
 TEST_APP_ID = "test-app-id"
-TEST_SECRET = "test-secret-with-'quotes'-and-\\backslash"  # noqa: S105 - test value
+TEST_SECRET = "test-secret-with-'quotes'-and-\\backslash"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 PG_ADMIN_URL = os.environ.get(

@@ -18,7 +18,7 @@ def make_celery() -> Celery:
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        task_default_queue="skillpay",
+        task_default_queue=settings.celery_queue,
         # A message is acknowledged only once its stage has committed; a worker that dies
         # mid-stage leaves the message to be delivered again, and the stage is idempotent.
         task_acks_late=True,

@@ -11,7 +11,10 @@ def test_parses_ik_pay_fields():
         b'{"paylinkID":"PL1","status":"SUCCESS","externalTransactionID":"abc","responseCode":"00"}'
     )
     assert (cb.paylink_id, cb.status, cb.external_transaction_id, cb.response_code) == (
-        "PL1", "SUCCESS", "abc", "00",
+        "PL1",
+        "SUCCESS",
+        "abc",
+        "00",
     )
 
 

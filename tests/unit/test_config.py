@@ -15,12 +15,20 @@ def test_development_needs_no_servers(tmp_path, monkeypatch):
 
 
 def test_urls_from_the_environment_are_used():
-    s = Settings.from_env({
-        "DATABASE_URL": "postgresql://db/x", "CELERY_BROKER_URL": "redis://r/0",
-        "PORT": "9000", "SKILLPAY_PIPELINE_MAX_RETRIES": "7",
-        "IKHOKHA_CONFIRM_WITH_STATUS": "yes",
-    })
-    assert (s.database_url, s.celery_broker_url, s.port) == ("postgresql://db/x", "redis://r/0", 9000)
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://db/x",
+            "CELERY_BROKER_URL": "redis://r/0",
+            "PORT": "9000",
+            "SKILLPAY_PIPELINE_MAX_RETRIES": "7",
+            "IKHOKHA_CONFIRM_WITH_STATUS": "yes",
+        }
+    )
+    assert (s.database_url, s.celery_broker_url, s.port) == (
+        "postgresql://db/x",
+        "redis://r/0",
+        9000,
+    )
     assert s.pipeline_max_retries == 7 and s.ikhokha_confirm_with_status
     assert s.public_base_url == "http://127.0.0.1:9000"
 
@@ -29,8 +37,13 @@ def test_production_refuses_unsafe_configuration_and_says_why():
     s = Settings.from_env({"APP_ENV": "production", "IKHOKHA_APP_SECRET": DEV_APP_SECRET})
     problems = s.problems()
     text = " ".join(problems)
-    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "IKHOKHA_APP_ID", "IKHOKHA_APP_SECRET",
-                 "PUBLIC_BASE_URL"):
+    for name in (
+        "DATABASE_URL",
+        "CELERY_BROKER_URL",
+        "IKHOKHA_APP_ID",
+        "IKHOKHA_APP_SECRET",
+        "PUBLIC_BASE_URL",
+    ):
         assert name in text
     with pytest.raises(ConfigError) as info:
         s.check()
@@ -40,12 +53,16 @@ def test_production_refuses_unsafe_configuration_and_says_why():
 
 
 def test_production_with_safe_configuration_starts():
-    s = Settings.from_env({
-        "APP_ENV": "production", "DATABASE_URL": "postgresql://db/x",
-        "CELERY_BROKER_URL": "redis://r/0", "IKHOKHA_APP_ID": "real-id",
-        "IKHOKHA_APP_SECRET": "a-real-secret-from-the-dashboard",
-        "PUBLIC_BASE_URL": "https://pay.example.com",
-    })
+    s = Settings.from_env(
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": "postgresql://db/x",
+            "CELERY_BROKER_URL": "redis://r/0",
+            "IKHOKHA_APP_ID": "real-id",
+            "IKHOKHA_APP_SECRET": "a-real-secret-from-the-dashboard",
+            "PUBLIC_BASE_URL": "https://pay.example.com",
+        }
+    )
     assert s.problems() == []
     assert s.ikhokha_confirm_with_status  # on by default in production
     assert "a-real-secret" not in repr(s)

@@ -28,8 +28,14 @@ from tests.support import callback_body, make_enrollment, signed
 
 def store(session, settings, body, **sign_kwargs) -> WebhookEvent:
     raw, headers = signed(body, **sign_kwargs)
-    received = receive_callback(session, settings, path="/webhooks/ikhokha", headers=headers,
-                                body=raw, enqueue=lambda *a: None)
+    received = receive_callback(
+        session,
+        settings,
+        path="/webhooks/ikhokha",
+        headers=headers,
+        body=raw,
+        enqueue=lambda *a: None,
+    )
     return session.get(WebhookEvent, received.event_id)
 
 
@@ -147,15 +153,27 @@ def test_whole_pipeline_approves_a_card_payment_once(session, settings):
     session.expire_all()
     assert enrollment.state == "approved"
     assert event.state == EventState.COMPLETED and event.outcome == "pending_payment -> approved"
-    assert session.scalar(select(func.count()).select_from(StageAttempt)
-                          .where(StageAttempt.event_id == event.id)) == 6
-    notes = session.scalars(select(Notification).where(Notification.enrollment_id == enrollment.id)).all()
+    assert (
+        session.scalar(
+            select(func.count()).select_from(StageAttempt).where(StageAttempt.event_id == event.id)
+        )
+        == 6
+    )
+    notes = session.scalars(
+        select(Notification).where(Notification.enrollment_id == enrollment.id)
+    ).all()
     assert sorted(n.audience for n in notes) == ["admins", "student"]
     # Running every stage again (a duplicate message) is a no-op.
     for stage in stages.STAGE_NAMES:
         assert runner.run_stage(stage, event.id, 2, settings) == "skipped"
-    assert session.scalar(select(func.count()).select_from(EnrollmentHistory)
-                          .where(EnrollmentHistory.enrollment_id == enrollment.id)) == 1
+    assert (
+        session.scalar(
+            select(func.count())
+            .select_from(EnrollmentHistory)
+            .where(EnrollmentHistory.enrollment_id == enrollment.id)
+        )
+        == 1
+    )
 
 
 def test_stage_out_of_turn_is_skipped(session, settings):
@@ -178,14 +196,22 @@ def test_final_failure_writes_a_dead_letter_and_replay_completes(session, settin
     enrollment, payment = make_enrollment(session)
     event = store(session, settings, callback_body(payment))
     runner.run_stage("signature_check", event.id, 1, settings)
-    runner.record_failure("payment_type_detection", event.id, 1, UnknownPayment("gone"), final=False)
+    runner.record_failure(
+        "payment_type_detection", event.id, 1, UnknownPayment("gone"), final=False
+    )
     runner.record_failure("payment_type_detection", event.id, 2, UnknownPayment("gone"), final=True)
     session.expire_all()
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_id == event.id))
     assert (letter.stage, letter.error_code, event.state) == (
-        "payment_type_detection", "unknown_payment", EventState.DEAD)
-    outcomes = session.scalars(select(StageAttempt.outcome).where(StageAttempt.event_id == event.id)
-                               .order_by(StageAttempt.id)).all()
+        "payment_type_detection",
+        "unknown_payment",
+        EventState.DEAD,
+    )
+    outcomes = session.scalars(
+        select(StageAttempt.outcome)
+        .where(StageAttempt.event_id == event.id)
+        .order_by(StageAttempt.id)
+    ).all()
     assert outcomes == ["ok", "retry", "failed"]
     sent = []
     runner.replay(session, letter.id, lambda e, s: sent.append((e, s)))

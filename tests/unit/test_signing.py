@@ -111,11 +111,17 @@ def test_verify_rejects_signature_for_another_body_or_secret():
     tampered = b'{"paylinkID":"PL1","status":"FAILURE"}'
     with pytest.raises(SignatureMismatch):
         verify_callback(
-            _headers("s", "/webhooks/ikhokha", body), ["/webhooks/ikhokha"], tampered,
-            app_id="app", secret="s",
+            _headers("s", "/webhooks/ikhokha", body),
+            ["/webhooks/ikhokha"],
+            tampered,
+            app_id="app",
+            secret="s",
         )
     with pytest.raises(SignatureMismatch):
         verify_callback(
-            _headers("other", "/webhooks/ikhokha", body), ["/webhooks/ikhokha"], body,
-            app_id="app", secret="s",
+            _headers("other", "/webhooks/ikhokha", body),
+            ["/webhooks/ikhokha"],
+            body,
+            app_id="app",
+            secret="s",
         )

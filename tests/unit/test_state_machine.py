@@ -10,19 +10,30 @@ from tests.support import make_enrollment
 
 
 def history_count(session, enrollment_id):
-    return session.scalar(select(func.count()).select_from(EnrollmentHistory)
-                          .where(EnrollmentHistory.enrollment_id == enrollment_id))
+    return session.scalar(
+        select(func.count())
+        .select_from(EnrollmentHistory)
+        .where(EnrollmentHistory.enrollment_id == enrollment_id)
+    )
 
 
 def test_transition_writes_one_history_row(session):
     enrollment, _ = make_enrollment(session)
-    result = transition_enrollment(session, enrollment.id, State.APPROVED, actor="pipeline",
-                                   source="webhook", reason="card")
+    result = transition_enrollment(
+        session, enrollment.id, State.APPROVED, actor="pipeline", source="webhook", reason="card"
+    )
     assert result.changed and result.from_state == "pending_payment"
     assert enrollment.state == "approved" and enrollment.course_access
-    row = session.scalar(select(EnrollmentHistory).where(EnrollmentHistory.enrollment_id == enrollment.id))
+    row = session.scalar(
+        select(EnrollmentHistory).where(EnrollmentHistory.enrollment_id == enrollment.id)
+    )
     assert (row.from_state, row.to_state, row.actor, row.source, row.reason) == (
-        "pending_payment", "approved", "pipeline", "webhook", "card")
+        "pending_payment",
+        "approved",
+        "pipeline",
+        "webhook",
+        "card",
+    )
 
 
 def test_same_target_again_changes_nothing(session):
@@ -37,8 +48,9 @@ def test_failure_never_undoes_an_approval(session):
     enrollment, _ = make_enrollment(session, state=State.APPROVED)
     with pytest.raises(InvalidTransition):
         transition_enrollment(session, enrollment.id, State.PAYMENT_FAILED, actor="a", source="s")
-    lenient = transition_enrollment(session, enrollment.id, State.PAYMENT_FAILED, actor="a",
-                                    source="s", strict=False)
+    lenient = transition_enrollment(
+        session, enrollment.id, State.PAYMENT_FAILED, actor="a", source="s", strict=False
+    )
     assert not lenient.changed and enrollment.state == "approved"
     assert history_count(session, enrollment.id) == 0
 
@@ -46,16 +58,27 @@ def test_failure_never_undoes_an_approval(session):
 def test_only_from_limits_the_starting_states(session):
     enrollment, _ = make_enrollment(session, state=State.PENDING_PAYMENT)
     with pytest.raises(InvalidTransition, match="pending_payment"):
-        transition_enrollment(session, enrollment.id, State.APPROVED, actor="admin:1",
-                              source="admin", only_from=frozenset({State.PENDING_APPROVAL}))
+        transition_enrollment(
+            session,
+            enrollment.id,
+            State.APPROVED,
+            actor="admin:1",
+            source="admin",
+            only_from=frozenset({State.PENDING_APPROVAL}),
+        )
 
 
 def test_batch_reports_each_enrollment(session):
     waiting, _ = make_enrollment(session, method="eft", state=State.PENDING_APPROVAL)
     done, _ = make_enrollment(session, method="eft", state=State.APPROVED)
     refused, _ = make_enrollment(session, method="eft", state=State.REJECTED)
-    results = transition_enrollments(session, [waiting.id, done.id, refused.id, 999999],
-                                     State.APPROVED, actor="admin:1", source="admin_bulk")
+    results = transition_enrollments(
+        session,
+        [waiting.id, done.id, refused.id, 999999],
+        State.APPROVED,
+        actor="admin:1",
+        source="admin_bulk",
+    )
     assert results[waiting.id].changed
     assert not results[done.id].changed
     assert results[refused.id] == "is rejected; cannot become approved"

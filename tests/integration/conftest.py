@@ -1,0 +1,231 @@
+"""Real processes: a Celery worker (prefork, with beat) and gunicorn, against PostgreSQL and
+Redis. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from models.db import driver_url
+from tests.support import (
+    REDIS_URL,
+    TEST_APP_ID,
+    TEST_SECRET,
+    create_database,
+    drop_database,
+    free_port,
+    unavailable,
+    wait_for,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = (
+    "bulk_job_items",
+    "bulk_jobs",
+    "notifications",
+    "dead_letters",
+    "stage_attempts",
+    "enrollment_history",
+    "webhook_events",
+    "payments",
+    "enrollments",
+    "api_tokens",
+    "courses",
+    "users",
+)
+
+
+@pytest.fixture(scope="session")
+def live_database():
+    try:
+        url = create_database("skillpay_it")
+    except Exception as exc:  # noqa: BLE001
+        unavailable("PostgreSQL", exc)
+    from migrations import upgrade
+
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        unavailable("Redis", exc)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def engine(live_database):
+    eng = create_engine(driver_url(live_database))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db(engine):
+    """A session on the live database; every table is emptied after the test."""
+    with Session(engine, expire_on_commit=False) as s:
+        yield s
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(scope="session")
+def process_env(live_database, redis_client, tmp_path_factory):
+    env = dict(os.environ)
+    env.update(
+        {
+            "APP_ENV": "test",
+            "DATABASE_URL": live_database,
+            "CELERY_BROKER_URL": REDIS_URL,
+            "REDIS_URL": REDIS_URL,
+            "IKHOKHA_APP_ID": TEST_APP_ID,
+            "IKHOKHA_APP_SECRET": TEST_SECRET,
+            "IKHOKHA_API_URL": "http://127.0.0.1:9",
+            "SKILLPAY_PIPELINE_MAX_RETRIES": "3",
+            "SKILLPAY_PIPELINE_RETRY_BASE_SECONDS": "0.05",
+            "SKILLPAY_PIPELINE_RETRY_MAX_SECONDS": "0.5",
+            "SKILLPAY_PIPELINE_STALE_AFTER_SECONDS": "3",
+            "SKILLPAY_SWEEP_INTERVAL_SECONDS": "1",
+            "SKILLPAY_VAR_DIR": str(tmp_path_factory.mktemp("var")),
+            "PYTHONUNBUFFERED": "1",
+            # A queue of this run's own: a stray worker from another run cannot take its tasks.
+            "SKILLPAY_CELERY_QUEUE": f"skillpay-test-{os.getpid()}",
+        }
+    )
+    return env
+
+
+class Process:
+    """A child process in its own process group, logging to a file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name, self.args, self.env = name, args, env
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Process:
+        self.log_path = self.log_path.with_name(f"{self.name}-{time.monotonic_ns()}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.args,
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the parent and every pool child, mid-whatever."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def start_worker(env: dict[str, str], log_dir: Path, concurrency: int = 2) -> Process:
+    worker = Process(
+        "worker",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "-B",
+            "-s",
+            str(log_dir / "beat-schedule"),
+            "-Q",
+            env["SKILLPAY_CELERY_QUEUE"],
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
+        ],
+        env,
+        log_dir,
+    ).start()
+    wait_for(lambda: "ready." in worker.log() or worker.proc.poll() is not None, timeout=60)
+    assert worker.proc.poll() is None, worker.log()
+    return worker
+
+
+@pytest.fixture(scope="module")
+def worker(process_env, tmp_path_factory):
+    w = start_worker(process_env, tmp_path_factory.mktemp("worker"))
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def web(process_env, tmp_path_factory):
+    """gunicorn serving the real app on a free port; yields its base URL."""
+    port = free_port()
+    env = dict(process_env, PORT=str(port), PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
+    server = Process(
+        "web",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "web.wsgi:app",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "4",
+        ],
+        env,
+        tmp_path_factory.mktemp("web"),
+    ).start()
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if server.proc.poll() is not None:
+            raise AssertionError(server.log())
+        try:
+            return requests.get(base + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, timeout=30)
+    yield base
+    server.stop()
