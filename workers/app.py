@@ -12,9 +12,13 @@ from models import reset_engine
 def make_celery() -> Celery:
     settings = get_settings()
     app = Celery("skillpay", broker=settings.celery_broker_url, include=["workers.tasks"])
-    transport: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout}
+    transport: dict[str, object] = {}
     if settings.celery_broker_url.startswith(("redis", "rediss")):
-        transport |= {"socket_timeout": 5, "socket_connect_timeout": 3}
+        transport = {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+        }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

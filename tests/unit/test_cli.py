@@ -1,0 +1,58 @@
+"""The `skillpay` command as a script uses it: a real process, the embedded SQLite default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SKILLPAY = str(Path(sys.executable).parent / "skillpay")
+
+
+def run(args, tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+    full.update({"SKILLPAY_VAR_DIR": str(tmp_path), "APP_ENV": "development"}, **env)
+    return subprocess.run([SKILLPAY, *args], env=full, capture_output=True, text=True, timeout=60)
+
+
+def test_commands_print_only_what_they_create(tmp_path):
+    assert run(["db", "upgrade"], tmp_path).returncode == 0
+    course = run(["courses", "create", "--title", "Algebra", "--price-cents", "1000"], tmp_path)
+    assert course.returncode == 0 and course.stdout.strip() == "1"
+    user = run(["users", "create", "--email", "a@example.com", "--role", "admin"], tmp_path)
+    assert user.returncode == 0
+    assert user.stdout.strip().startswith("sp_") and len(user.stdout.split()) == 1
+    again = run(["users", "create", "--email", "a@example.com"], tmp_path)
+    assert again.returncode == 1 and "exists" in again.stderr and again.stdout == ""
+    demo = run(["demo"], tmp_path)
+    tokens = json.loads(demo.stdout)
+    assert set(tokens) == {"student_token", "admin_token"}
+    revoke = run(["users", "revoke-token", "--email", "a@example.com"], tmp_path)
+    assert revoke.returncode == 0 and "revoked 1" in revoke.stderr
+    listing = run(["dlq", "list"], tmp_path)
+    assert listing.returncode == 0 and listing.stdout == ""
+    missing = run(["dlq", "replay", "42"], tmp_path)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_validate_config_explains_an_unsafe_production_configuration(tmp_path):
+    result = run(["validate-config"], tmp_path, APP_ENV="production")
+    assert result.returncode == 1
+    assert "IKHOKHA_APP_SECRET" in result.stderr and "PUBLIC_BASE_URL" in result.stderr
+    assert run(["validate-config"], tmp_path).returncode == 0
+
+
+def test_the_web_app_refuses_to_start_on_an_unsafe_production_configuration(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IKHOKHA_", "DATABASE_URL"))}
+    env.update(APP_ENV="production", SKILLPAY_VAR_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", "import web.wsgi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "refusing to start (production)" in result.stderr
