@@ -6,38 +6,18 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from config import Settings, reset_settings
+from config import reset_settings
 from models import db as models_db
 from models.db import driver_url
 from tests.support import (
-    REDIS_URL,
-    TEST_APP_ID,
-    TEST_SECRET,
     create_database,
     drop_database,
+    make_settings,
     unavailable,
 )
 
 # Tests never read the developer's environment for the secret or the database.
 os.environ.setdefault("APP_ENV", "test")
-
-
-def test_settings(database_url: str, **overrides) -> Settings:
-    values = {
-        "app_env": "test",
-        "database_url": database_url,
-        "celery_broker_url": REDIS_URL,
-        "redis_url": "",
-        "ikhokha_api_url": "http://127.0.0.1:9",
-        "ikhokha_app_id": TEST_APP_ID,
-        "ikhokha_app_secret": TEST_SECRET,
-        "public_base_url": "http://127.0.0.1:8000",
-        "pipeline_max_retries": 3,
-        "pipeline_retry_base_seconds": 0.05,
-        "pipeline_retry_max_seconds": 0.5,
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +36,7 @@ def pg_database():
 
 @pytest.fixture
 def settings(pg_database):
-    s = test_settings(pg_database)
+    s = make_settings(pg_database)
     reset_settings(s)
     yield s
     reset_settings(None)

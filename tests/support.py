@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy import create_engine, text
 
+from config import Settings
 from models import Course, Enrollment, Payment, State, User
 from models.db import driver_url
 from pipeline.accounts import issue_token
@@ -149,3 +150,21 @@ def make_enrollment(
 
 def as_json(response) -> Any:
     return json.loads(response.data if hasattr(response, "data") else response.content)
+
+
+def make_settings(database_url: str, **overrides) -> Settings:
+    values = {
+        "app_env": "test",
+        "database_url": database_url,
+        "celery_broker_url": REDIS_URL,
+        "redis_url": "",
+        "ikhokha_api_url": "http://127.0.0.1:9",
+        "ikhokha_app_id": TEST_APP_ID,
+        "ikhokha_app_secret": TEST_SECRET,
+        "public_base_url": "http://127.0.0.1:8000",
+        "pipeline_max_retries": 3,
+        "pipeline_retry_base_seconds": 0.05,
+        "pipeline_retry_max_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)

@@ -97,7 +97,9 @@ def process_env(live_database, redis_client, tmp_path_factory):
             "REDIS_URL": REDIS_URL,
             "IKHOKHA_APP_ID": TEST_APP_ID,
             "IKHOKHA_APP_SECRET": TEST_SECRET,
-            "IKHOKHA_API_URL": "http://127.0.0.1:9",
+            "SIMULATOR_PORT": str(sim_port := free_port()),
+            "IKHOKHA_API_URL": f"http://127.0.0.1:{sim_port}",
+            "SIMULATOR_PUBLIC_URL": f"http://127.0.0.1:{sim_port}",
             "SKILLPAY_PIPELINE_MAX_RETRIES": "3",
             "SKILLPAY_PIPELINE_RETRY_BASE_SECONDS": "0.05",
             "SKILLPAY_PIPELINE_RETRY_MAX_SECONDS": "0.5",
@@ -194,29 +196,8 @@ def worker(process_env, tmp_path_factory):
     w.stop()
 
 
-@pytest.fixture(scope="session")
-def web(process_env, tmp_path_factory):
-    """gunicorn serving the real app on a free port; yields its base URL."""
-    port = free_port()
-    env = dict(process_env, PORT=str(port), PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
-    server = Process(
-        "web",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "web.wsgi:app",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-        ],
-        env,
-        tmp_path_factory.mktemp("web"),
-    ).start()
-    base = f"http://127.0.0.1:{port}"
+def serve(name: str, args: list[str], env: dict[str, str], log_dir: Path, base: str) -> Process:
+    server = Process(name, args, env, log_dir).start()
 
     def up() -> bool:
         if server.proc.poll() is not None:
@@ -227,5 +208,53 @@ def web(process_env, tmp_path_factory):
             return False
 
     wait_for(up, timeout=30)
+    return server
+
+
+@pytest.fixture(scope="session")
+def simulator(process_env, tmp_path_factory):
+    """The local iKhokha, as its own process; yields its base URL."""
+    base = process_env["IKHOKHA_API_URL"]
+    server = serve(
+        "simulator",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "simulator.wsgi:app",
+            "--bind",
+            f"127.0.0.1:{process_env['SIMULATOR_PORT']}",
+            "--workers",
+            "1",
+            "--threads",
+            "8",
+        ],
+        process_env,
+        tmp_path_factory.mktemp("simulator"),
+        base,
+    )
+    yield base
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def web(process_env, simulator, tmp_path_factory):
+    """gunicorn serving the real app on a free port; yields its base URL."""
+    port = free_port()
+    env = dict(process_env, PORT=str(port), PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "web.wsgi:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+    ]
+    server = serve("web", args, env, tmp_path_factory.mktemp("web"), base)
     yield base
     server.stop()

@@ -144,3 +144,74 @@ def test_history_is_returned_in_order(client, session):
     ).json
     assert [(h["from"], h["to"]) for h in body["history"]] == [("pending_approval", "approved")]
     assert session.scalar(select(func.count()).select_from(EnrollmentHistory)) >= 1
+
+
+def test_gateway_outage_gives_a_clear_error_and_leaves_nothing_behind(client, session):
+    from models import Enrollment, EnrollmentHistory, Payment
+    from pipeline.errors import GatewayError
+    from pipeline.ikhokha import STUDENT_MESSAGES, set_gateway
+    from tests.support import make_course
+
+    class Down:
+        def create_payment_link(self, request):
+            raise GatewayError(
+                "iKhokha POST unreachable",
+                kind="network",
+                retryable=True,
+                student_message=STUDENT_MESSAGES["network"],
+            )
+
+    course = make_course(session)
+    _, token = make_user(session)
+    session.commit()
+    counts = [
+        session.scalar(select(func.count()).select_from(t))
+        for t in (Enrollment, Payment, EnrollmentHistory)
+    ]
+    set_gateway(Down())
+    try:
+        response = client.post(
+            "/api/enrollments",
+            json={"course_id": course.id, "payment_method": "card"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    finally:
+        set_gateway(None)
+    assert response.status_code == 503
+    assert response.json["error"] == {
+        "code": "gateway_network",
+        "message": STUDENT_MESSAGES["network"],
+    }
+    assert [
+        session.scalar(select(func.count()).select_from(t))
+        for t in (Enrollment, Payment, EnrollmentHistory)
+    ] == counts
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"course_id": "1", "payment_method": "card"}, "course_id: Not a valid integer."),
+        ({"course_id": 1, "payment_method": "cash"}, "payment_method: Must be one of: card, eft."),
+        ({"course_id": 1}, "payment_method: Missing data for required field."),
+        ({"course_id": 1, "payment_method": "card", "admin": True}, "admin: Unknown field."),
+        ([1, 2], "the body must be a JSON object"),
+    ],
+)
+def test_enrollment_requests_are_validated(client, session, body, message):
+    _, token = make_user(session)
+    session.commit()
+    response = client.post(
+        "/api/enrollments", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 400
+    assert response.json["error"]["message"] == message
+
+
+def test_malformed_json_is_a_400(client, session):
+    _, token = make_user(session)
+    session.commit()
+    response = client.post(
+        "/api/enrollments", data=b"{not json", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_request"
