@@ -168,3 +168,34 @@ def make_settings(database_url: str, **overrides) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def many_waiting_enrollments(session, n: int, tag: str) -> list[int]:
+    """n EFT enrollments waiting for approval, one student each, inserted in bulk."""
+    from sqlalchemy import select as _select
+    from sqlalchemy import text as _text
+
+    course = make_course(session)
+    session.execute(
+        _text(
+            "INSERT INTO users (email, role, created_at) "
+            "SELECT 'bulk-' || g || '-' || :tag || '@example.com', 'student', now() "
+            "FROM generate_series(1, :n) AS g"
+        ),
+        {"tag": tag, "n": n},
+    )
+    session.execute(
+        _text(
+            "INSERT INTO enrollments (user_id, course_id, state, payment_method, waiting_reason, "
+            "created_at, updated_at) "
+            "SELECT id, :course, 'pending_approval', 'eft', 'EFT payment', now(), now() "
+            "FROM users WHERE email LIKE 'bulk-%-' || :tag || '@example.com' ORDER BY id"
+        ),
+        {"tag": tag, "course": course.id},
+    )
+    session.commit()
+    return list(
+        session.scalars(
+            _select(Enrollment.id).where(Enrollment.course_id == course.id).order_by(Enrollment.id)
+        )
+    )

@@ -6,11 +6,18 @@ import time
 
 import pytest
 import requests
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
-from models import EnrollmentHistory, StageAttempt, WebhookEvent
+from models import Enrollment, EnrollmentHistory, StageAttempt, WebhookEvent
 from tests.integration.conftest import start_worker
-from tests.support import callback_body, make_enrollment, signed, wait_for
+from tests.support import (
+    callback_body,
+    make_enrollment,
+    make_user,
+    many_waiting_enrollments,
+    signed,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,4 +99,64 @@ def test_worker_killed_mid_stage_completes_once_a_worker_is_back(
             "status_update",
             "notification",
         ]
+    )
+
+
+def test_bulk_job_interrupted_by_a_killed_worker_finishes_without_double_approvals(
+    process_env, tmp_path, web, db, engine
+):
+    _, token = make_user(db, role="admin")
+    db.commit()
+    ids = many_waiting_enrollments(db, 2000, "killed")
+    env = dict(process_env, SKILLPAY_DB_LOCK_TIMEOUT_MS="60000")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    worker = start_worker(env, tmp_path / "first")
+    holder = engine.connect()
+    held = holder.begin()
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        # Block the third batch (items 1000-1499) on one row, so the kill lands mid-job.
+        holder.execute(
+            text("SELECT id FROM enrollments WHERE id = :id FOR NO KEY UPDATE"), {"id": ids[1200]}
+        )
+        job = requests.post(
+            f"{web}/api/admin/enrollments/bulk-approve", json={"ids": ids}, headers=auth, timeout=10
+        ).json()
+        url = f"{web}{job['status_url']}?per_page=1"
+        wait_for(
+            lambda: requests.get(url, headers=auth, timeout=10).json()["counts"]["approved"] == 1000
+        )
+        worker.kill()
+    finally:
+        worker.stop()
+        held.rollback()
+        holder.close()
+    halfway = requests.get(url, headers=auth, timeout=10).json()
+    assert halfway["state"] == "running" and halfway["counts"]["approved"] == 1000
+
+    restarted = start_worker(env, tmp_path / "second")
+    try:
+        done = wait_for(
+            lambda: (
+                (j := requests.get(url, headers=auth, timeout=10).json())["state"] == "done" and j
+            ),
+            timeout=60,
+        )
+    finally:
+        restarted.stop()
+    assert done["counts"] == {"pending": 0, "approved": 2000, "skipped": 0, "failed": 0}
+    rows = db.execute(
+        select(EnrollmentHistory.enrollment_id, func.count())
+        .where(EnrollmentHistory.enrollment_id.in_(ids))
+        .group_by(EnrollmentHistory.enrollment_id)
+    ).all()
+    assert len(rows) == 2000 and {count for _, count in rows} == {1}
+    assert (
+        db.scalar(
+            select(func.count())
+            .select_from(Enrollment)
+            .where(Enrollment.id.in_(ids), Enrollment.state == "approved")
+        )
+        == 2000
     )
