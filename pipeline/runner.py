@@ -42,16 +42,20 @@ def lock_event(session: Session, event_id: int) -> WebhookEvent | None:
     ).scalar_one_or_none()
 
 
-def run_stage(stage: str, event_id: int, attempt: int, settings: Settings) -> str:
-    """Run `stage` for the event if it is the event's next stage. Returns ok or skipped."""
+def run_stage(stage: str, event_id: int, attempt: int, settings: Settings) -> str | None:
+    """Run `stage` for the event if it is the event's next stage, and commit.
+
+    Returns the stage to enqueue next, or None: the event is complete, or this stage had
+    already run (a duplicate message), in which case whoever ran it enqueued what follows.
+    """
     started = time.perf_counter()
     with session_scope() as session:
         event = lock_event(session, event_id)
         if event is None:
             log.warning("pipeline.event_missing", event_id=event_id, stage=stage)
-            return "skipped"
+            return None
         if event.state in (EventState.COMPLETED, EventState.DEAD) or event.stage != stage:
-            return "skipped"
+            return None
         event.state = EventState.PROCESSING
         STAGES[stage](session, event, settings)
         now = utcnow()
@@ -72,7 +76,7 @@ def run_stage(stage: str, event_id: int, attempt: int, settings: Settings) -> st
                 created_at=now,
             )
         )
-    return "ok"
+    return following
 
 
 def record_failure(

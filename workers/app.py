@@ -41,7 +41,6 @@ def make_celery() -> Celery:
             "interval_max": 0.5,
         },
         worker_send_task_events=True,
-        task_send_sent_event=True,
         worker_hijack_root_logger=False,
         beat_schedule={
             "sweep-stalled-events": {
