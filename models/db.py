@@ -46,6 +46,9 @@ def make_engine(url: str, lock_timeout_ms: int = 5000) -> Engine:
     options = f"-c lock_timeout={lock_timeout_ms} -c idle_in_transaction_session_timeout=60000"
     return create_engine(
         url,
+        # Batched UPDATEs (psycopg2 execute_batch) as well as batched INSERTs: a bulk approval
+        # updates hundreds of rows per transaction.
+        executemany_mode="values_plus_batch",
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=10,
