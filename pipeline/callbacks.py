@@ -66,7 +66,7 @@ def parse_callback(body: bytes) -> Callback:
     """Parse a callback body or raise MalformedCallback saying what is wrong."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise MalformedCallback("the body is not valid JSON") from exc
     if not isinstance(data, dict):
         raise MalformedCallback("the body must be a JSON object")

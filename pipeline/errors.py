@@ -81,6 +81,16 @@ class GatewayError(SkillpayError):
         self.student_message = student_message
 
 
+def canonical_uuid(value: str) -> str:
+    """The id in canonical form, or NotFound: ids in URLs are UUIDs, nothing else reaches SQL."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise NotFound("no such id") from None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors that may pass by themselves: lost connections, lock timeouts, 5xx."""
     if isinstance(exc, SkillpayError):

@@ -46,7 +46,7 @@ def body_variants(body: bytes) -> list[bytes]:
     variants = [body]
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return variants
     if isinstance(parsed, dict):
         parsed.pop("text", None)

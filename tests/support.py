@@ -199,3 +199,38 @@ def many_waiting_enrollments(session, n: int, tag: str) -> list[int]:
             _select(Enrollment.id).where(Enrollment.course_id == course.id).order_by(Enrollment.id)
         )
     )
+
+
+def many_card_payments(session, n: int) -> list[tuple[str, str, int]]:
+    """n card enrollments waiting for payment, each with a payment link: (payment id,
+    paylink id, enrollment id), inserted in bulk."""
+    from sqlalchemy import text as _text
+
+    tag = uuid.uuid4().hex[:8]
+    course = make_course(session, price_cents=1000)
+    session.execute(
+        _text(
+            "INSERT INTO users (email, role, created_at) SELECT 'c' || g || '-' || :t || '@example.com', "
+            "'student', now() FROM generate_series(1, :n) g"
+        ),
+        {"t": tag, "n": n},
+    )
+    session.execute(
+        _text(
+            "INSERT INTO enrollments (user_id, course_id, state, payment_method, created_at, updated_at) "
+            "SELECT id, :c, 'pending_payment', 'card', now(), now() FROM users "
+            "WHERE email LIKE '%-' || :t || '@example.com' ORDER BY id"
+        ),
+        {"c": course.id, "t": tag},
+    )
+    rows = session.execute(
+        _text(
+            "INSERT INTO payments (id, enrollment_id, method, amount_cents, currency, reference, paylink_id, "
+            "created_at, updated_at) SELECT gen_random_uuid()::text, id, 'card', 1000, 'ZAR', "
+            "'F' || id || :t, 'PL' || id || :t, now(), now() FROM enrollments WHERE course_id = :c "
+            "RETURNING id, paylink_id, enrollment_id"
+        ),
+        {"c": course.id, "t": tag},
+    ).all()
+    session.commit()
+    return [(r[0], r[1], r[2]) for r in rows]

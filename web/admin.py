@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from models import DeadLetter, Enrollment, EnrollmentHistory, WebhookEvent, utcnow
 from pipeline import bulk, runner
 from pipeline.enrollments import decide, enrollment_view
-from pipeline.errors import NotFound
+from pipeline.errors import NotFound, canonical_uuid
 from web.auth import current_user, db, require_admin
 from web.schemas import (
     BulkApproveRequest,
@@ -109,7 +109,10 @@ def job(job_id: str):
     per_page = q["per_page"] if "per_page" in request.args else 1000
     return jsonify(
         bulk.job_view(
-            db(), job_id[:36], items_limit=per_page, items_offset=(q["page"] - 1) * per_page
+            db(),
+            canonical_uuid(job_id),
+            items_limit=per_page,
+            items_offset=(q["page"] - 1) * per_page,
         )
     )
 

@@ -7,7 +7,7 @@ from flask import Blueprint, current_app, render_template
 
 from models import Enrollment, Payment, PaymentMethod, State
 from pipeline.callbacks import FAILURE, SUCCESS
-from pipeline.errors import GatewayError, NotFound
+from pipeline.errors import GatewayError, NotFound, canonical_uuid
 from pipeline.ikhokha import get_gateway
 from pipeline.inbox import record_status
 from web.auth import db
@@ -46,7 +46,7 @@ def payment_return(payment_id: str, outcome: str):
     the same idempotent pipeline, so redirect and webhook can race without harm."""
     settings = current_app.config["SETTINGS"]
     session = db()
-    payment = session.get(Payment, payment_id[:36])
+    payment = session.get(Payment, canonical_uuid(payment_id))
     if payment is None:
         raise NotFound("no such payment")
     enrollment = session.get(Enrollment, payment.enrollment_id)

@@ -203,11 +203,15 @@ def serve(name: str, args: list[str], env: dict[str, str], log_dir: Path, base: 
         if server.proc.poll() is not None:
             raise AssertionError(server.log())
         try:
-            return requests.get(base + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
+            return requests.get(base + "/healthz", timeout=2).ok
+        except requests.RequestException:
             return False
 
-    wait_for(up, timeout=30)
+    try:
+        wait_for(up, timeout=60)
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 

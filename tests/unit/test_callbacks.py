@@ -54,3 +54,12 @@ def test_malformed_bodies_are_refused_with_a_reason(body):
     with pytest.raises(MalformedCallback) as info:
         parse_callback(body)
     assert info.value.message
+
+
+def test_absurdly_deep_nesting_is_malformed_not_a_crash():
+    from pipeline.signing import body_variants
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(MalformedCallback):
+        parse_callback(deep)
+    assert body_variants(deep) == [deep]
