@@ -95,27 +95,18 @@ def start_checkout(
     if existing is not None and existing.state != State.PAYMENT_FAILED:
         return Checkout(existing, latest_payment(session, existing.id), created=False)
     if existing is not None:
+        # "Retry Payment": the same enrollment, with a new payment.
         enrollment = existing
-        if method == PaymentMethod.EFT:
-            result = transition_enrollment(
-                session,
-                enrollment.id,
-                State.PENDING_APPROVAL,
-                actor=f"user:{student.id}",
-                actor_user_id=student.id,
-                source="checkout",
-                reason=EFT_WAITING_REASON,
-            )
-        else:
-            result = transition_enrollment(
-                session,
-                enrollment.id,
-                State.PENDING_PAYMENT,
-                actor=f"user:{student.id}",
-                actor_user_id=student.id,
-                source="checkout",
-                reason="retry payment",
-            )
+        eft = method == PaymentMethod.EFT
+        result = transition_enrollment(
+            session,
+            enrollment.id,
+            State.PENDING_APPROVAL if eft else State.PENDING_PAYMENT,
+            actor=f"user:{student.id}",
+            actor_user_id=student.id,
+            source="checkout",
+            reason=EFT_WAITING_REASON if eft else "retry payment",
+        )
         enrollment.payment_method = method
         history = result.history
     else:

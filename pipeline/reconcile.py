@@ -14,7 +14,7 @@ from models import Enrollment, Payment, PaymentMethod, State, utcnow
 from pipeline.callbacks import FAILURE, SUCCESS
 from pipeline.errors import GatewayError
 from pipeline.ikhokha import Gateway
-from pipeline.inbox import record_status
+from pipeline.inbox import Received, record_status
 
 
 @dataclass
@@ -42,6 +42,33 @@ def waiting_payments(session: Session, older_than: timedelta, limit: int) -> lis
     )
 
 
+def feed_status(
+    session: Session,
+    settings: Settings,
+    gateway: Gateway,
+    payment: Payment,
+    enqueue: Callable[[int, str], object],
+    *,
+    source: str,
+) -> Received | None:
+    """Ask iKhokha about one payment; a final answer we have not seen yet goes into the
+    pipeline as an event, exactly like a callback (and deduplicated against it).
+    Raises GatewayError when iKhokha cannot answer."""
+    assert payment.paylink_id is not None
+    answer = gateway.get_status(payment.paylink_id)
+    if answer.status not in (SUCCESS, FAILURE) or answer.status == payment.gateway_status:
+        return None
+    return record_status(
+        session,
+        settings,
+        paylink_id=payment.paylink_id,
+        external_transaction_id=payment.id,
+        status=answer.status,
+        source=source,
+        enqueue=enqueue,
+    )
+
+
 def reconcile(
     session: Session,
     settings: Settings,
@@ -51,30 +78,16 @@ def reconcile(
     older_than: timedelta = timedelta(minutes=5),
     limit: int = 200,
 ) -> ReconcileReport:
-    """For each card payment still waiting, ask iKhokha; a final answer goes into the
-    pipeline as an event, exactly like a callback (and deduplicated against it)."""
+    """Feed iKhokha's answer for every card payment still waiting into the pipeline."""
     report = ReconcileReport()
     for payment in waiting_payments(session, older_than, limit):
         report.checked += 1
-        assert payment.paylink_id is not None
         try:
-            answer = gateway.get_status(payment.paylink_id)
+            received = feed_status(session, settings, gateway, payment, enqueue, source="reconcile")
         except GatewayError as exc:
             report.errors.append(f"{payment.id}: {exc.message}")
             continue
-        if answer.status not in (SUCCESS, FAILURE) or answer.status == payment.gateway_status:
-            report.unchanged += 1
-            continue
-        received = record_status(
-            session,
-            settings,
-            paylink_id=payment.paylink_id,
-            external_transaction_id=payment.id,
-            status=answer.status,
-            source="reconcile",
-            enqueue=enqueue,
-        )
-        if received.duplicate:
+        if received is None or received.duplicate:
             report.unchanged += 1
         else:
             report.fed.append(received.event_id)

@@ -6,10 +6,9 @@ import structlog
 from flask import Blueprint, current_app, render_template
 
 from models import Enrollment, Payment, PaymentMethod, State
-from pipeline.callbacks import FAILURE, SUCCESS
 from pipeline.errors import GatewayError, NotFound, canonical_uuid
 from pipeline.ikhokha import get_gateway
-from pipeline.inbox import record_status
+from pipeline.reconcile import feed_status
 from web.auth import db
 from workers.tasks import enqueue_pipeline
 
@@ -57,17 +56,14 @@ def payment_return(payment_id: str, outcome: str):
         and enrollment.state in (State.PENDING_PAYMENT, State.PAYMENT_FAILED)
     ):
         try:
-            answer = get_gateway(settings).get_status(payment.paylink_id)
-            if answer.status in (SUCCESS, FAILURE) and answer.status != payment.gateway_status:
-                record_status(
-                    session,
-                    settings,
-                    paylink_id=payment.paylink_id,
-                    external_transaction_id=payment.id,
-                    status=answer.status,
-                    source="return_page",
-                    enqueue=enqueue_pipeline,
-                )
+            if feed_status(
+                session,
+                settings,
+                get_gateway(settings),
+                payment,
+                enqueue_pipeline,
+                source="return_page",
+            ):
                 session.commit()
         except GatewayError as exc:
             # The page still shows the state; the callback or reconciliation will settle it.

@@ -241,12 +241,11 @@ def simulator(process_env, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def web(process_env, simulator, tmp_path_factory):
-    """gunicorn serving the real app on a free port; yields its base URL."""
+def start_web(env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
+    """gunicorn serving the real app on a free port."""
     port = free_port()
-    env = dict(process_env, PORT=str(port), PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
     base = f"http://127.0.0.1:{port}"
+    env = dict(env, PORT=str(port), PUBLIC_BASE_URL=base)
     args = [
         sys.executable,
         "-m",
@@ -259,6 +258,12 @@ def web(process_env, simulator, tmp_path_factory):
         "--threads",
         "4",
     ]
-    server = serve("web", args, env, tmp_path_factory.mktemp("web"), base)
+    return serve("web", args, env, log_dir, base), base
+
+
+@pytest.fixture(scope="session")
+def web(process_env, simulator, tmp_path_factory):
+    """The web app, as its own process; yields its base URL."""
+    server, base = start_web(process_env, tmp_path_factory.mktemp("web"))
     yield base
     server.stop()

@@ -149,3 +149,40 @@ def test_cancel_returns_to_a_page_that_grants_nothing(web, simulator, db, studen
     )
     assert cancelled.status_code == 200 and "Payment cancelled" in cancelled.text
     assert state(web, auth, enrollment["id"])["state"] == "pending_payment"
+
+
+def test_reconcile_settles_a_payment_whose_callback_never_came(
+    web, simulator, worker, db, student, process_env
+):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    course, auth = student
+    enrollment = enroll(web, auth, course.id)
+    link_id = enrollment["paylink_url"].rsplit("/", 1)[1]
+    requests.post(
+        f"{simulator}/_sim/links/{link_id}/settle",
+        json={"status": "SUCCESS", "times": 0},
+        timeout=10,
+    )
+    skillpay = str(Path(sys.executable).parent / "skillpay")
+    env = dict(process_env, PUBLIC_BASE_URL=web)
+    result = subprocess.run(
+        [skillpay, "reconcile", "--older-than-minutes", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fed 1 to the pipeline" in result.stderr
+    wait_for(lambda: state(web, auth, enrollment["id"])["state"] == "approved")
+    again = subprocess.run(
+        [skillpay, "reconcile", "--older-than-minutes", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "checked 0" in again.stderr  # approved: nothing left waiting

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from models import DeadLetter, Enrollment, EnrollmentHistory, WebhookEvent
 from models.db import driver_url
-from tests.integration.conftest import serve, start_worker
+from tests.integration.conftest import start_web, start_worker
 from tests.servers import OwnPostgres, OwnRedis, restart_after
-from tests.support import free_port, many_card_payments, signed, wait_for
+from tests.support import many_card_payments, signed, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,32 +129,13 @@ def own_stack(tmp_path, process_env):
 
     upgrade(pg.url)
     env = dict(process_env, DATABASE_URL=pg.url, CELERY_BROKER_URL=rd.url, REDIS_URL=rd.url)
-    port = free_port()
-    env.update(PORT=str(port), PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
-    web = serve(
-        "web",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "web.wsgi:app",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-        ],
-        env,
-        tmp_path,
-        f"http://127.0.0.1:{port}",
-    )
+    web, base = start_web(env, tmp_path)
     engine = create_engine(driver_url(pg.url), pool_pre_ping=True)
     stack = {
         "pg": pg,
         "redis": rd,
         "env": env,
-        "web": f"http://127.0.0.1:{port}",
+        "web": base,
         "engine": engine,
         "workers": [],
         "tmp": tmp_path,

@@ -215,3 +215,21 @@ def test_malformed_json_is_a_400(client, session):
         "/api/enrollments", data=b"{not json", headers={"Authorization": f"Bearer {token}"}
     )
     assert response.status_code == 400 and response.json["error"]["code"] == "invalid_request"
+
+
+def test_a_revoked_token_is_refused(client, session):
+    from models import User
+    from pipeline.accounts import revoke_tokens
+
+    user, token = make_user(session, role="admin")
+    session.commit()
+    assert (
+        client.get(
+            "/api/admin/dead-letters", headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+        == 200
+    )
+    assert revoke_tokens(session, session.get(User, user.id).email) == 1
+    session.commit()
+    refused = client.get("/api/admin/dead-letters", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 401 and refused.json["error"]["code"] == "unauthenticated"
