@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP) ## Install into ./.venv (once, and again when pyproject.toml changes)
 
+# The page tests drive a real headless Chromium; Debian's package, installed when missing and
+# we may (root with apt). Elsewhere those tests skip, or fail under CI=true.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian package) for the page tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: install it for the page tests"; fi; }
+
 .PHONY: test
-test: install ## Lint, then run every test (CI=true: nothing may skip)
+test: install browser ## Lint, then run every test (CI=true: nothing may skip)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
