@@ -60,6 +60,8 @@ class Settings:
     # An inbox row that made no progress for this long is re-driven by the sweeper.
     pipeline_stale_after_seconds: float = 300.0
     sweep_interval_seconds: float = 30.0
+    # Ask iKhokha about card payments still waiting (a callback that never came).
+    reconcile_interval_seconds: float = 600.0
     broker_visibility_timeout: int = 3600
     celery_queue: str = "skillpay"
     # Payment-type detection: below this confidence a card SUCCESS waits for an admin.

@@ -47,6 +47,10 @@ def make_celery() -> Celery:
                 "task": "skillpay.sweep_stalled_events",
                 "schedule": settings.sweep_interval_seconds,
             },
+            "reconcile-waiting-payments": {
+                "task": "skillpay.reconcile",
+                "schedule": settings.reconcile_interval_seconds,
+            },
             "expire-stale-enrollments": {
                 "task": "skillpay.expire_enrollments",
                 "schedule": 300.0,

@@ -100,6 +100,21 @@ def sweep_stalled_events() -> int:
     return len(ids) + len(jobs)
 
 
+@celery.task(name="skillpay.reconcile")
+def reconcile_waiting_payments() -> int:
+    from pipeline.ikhokha import get_gateway
+    from pipeline.reconcile import reconcile
+
+    settings = get_settings()
+    with session_scope() as session:
+        report = reconcile(session, settings, get_gateway(settings), enqueue_pipeline)
+    if report.fed or report.errors:
+        log.info(
+            "reconcile.done", checked=report.checked, fed=len(report.fed), errors=report.errors[:5]
+        )
+    return len(report.fed)
+
+
 @celery.task(name="skillpay.expire_enrollments")
 def expire_enrollments() -> int:
     from pipeline.enrollments import expire_stale

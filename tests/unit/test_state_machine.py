@@ -95,3 +95,22 @@ def test_terminal_states_have_no_way_out():
     assert ALLOWED[State.REFUNDED] == frozenset()
     assert State.PAYMENT_FAILED not in ALLOWED[State.APPROVED]
     assert State.PAYMENT_FAILED not in ALLOWED[State.PENDING_APPROVAL]
+
+
+def test_unpaid_enrollments_expire_and_paid_ones_do_not(session, settings):
+    from datetime import timedelta
+
+    from models import utcnow
+    from pipeline.enrollments import expire_stale
+
+    stale, _ = make_enrollment(session)
+    fresh, _ = make_enrollment(session)
+    paid, _ = make_enrollment(session, state=State.APPROVED)
+    stale.expires_at = utcnow() - timedelta(minutes=1)
+    fresh.expires_at = utcnow() + timedelta(hours=1)
+    paid.expires_at = utcnow() - timedelta(minutes=1)
+    session.flush()
+    assert expire_stale(session, settings) == 1
+    assert (stale.state, fresh.state, paid.state) == ("expired", "pending_payment", "approved")
+    assert history_count(session, stale.id) == 1
+    assert expire_stale(session, settings) == 0
