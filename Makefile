@@ -55,6 +55,7 @@ fmt: install ## Format and fix what ruff can
 
 .PHONY: bench
 bench: install ## Run the benchmarks against PostgreSQL and Redis; writes docs/benchmarks.md
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
 .PHONY: clean
