@@ -36,7 +36,7 @@ def unavailable(what: str, exc: BaseException) -> None:
     message = f"{what} is not reachable ({type(exc).__name__}: {exc})"
     if IN_CI:
         pytest.fail(message + " and CI=true: the integration tests must run", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(f"{message}; skipped because CI is not set (with CI=true this fails)")
 
 
 def create_database(prefix: str) -> str:
