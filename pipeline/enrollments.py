@@ -208,6 +208,17 @@ def course_card(session: Session, course_id: int, user: User | None) -> dict[str
     }
     if enrollment is not None and enrollment.state == State.REJECTED:
         card["message"] = f"Your enrollment was rejected: {enrollment.rejection_reason}"
+    if (
+        enrollment is not None
+        and enrollment.state == State.PENDING_APPROVAL
+        and enrollment.payment_method == PaymentMethod.EFT
+    ):
+        payment = latest_payment(session, enrollment.id)
+        if payment is not None:
+            card["message"] = (
+                f"Pay by bank transfer with reference {payment.reference}; "
+                "an admin approves once the money arrives."
+            )
     if enrollment is not None and enrollment.state == State.PENDING_PAYMENT:
         payment = latest_payment(session, enrollment.id)
         card["paylink_url"] = payment.paylink_url if payment else None

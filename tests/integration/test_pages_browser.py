@@ -52,13 +52,17 @@ def render(url: str, profile) -> str:
 def buttons(dom: str) -> dict[str, list[tuple[str, bool]]]:
     """Course title -> [(button text, disabled)] as the page rendered them."""
     cards = {}
-    for card in re.findall(r'<div class="card" data-course-id="\d+">(.*?)</div></div>', dom, re.S):
+    for card in dom.split('<div class="card" data-course-id=')[1:]:
         title = re.search(r"<h3>(.*?)</h3>", card).group(1)
         cards[title] = [
             (text, "disabled" in attrs)
             for attrs, text in re.findall(r"<button([^>]*)>(.*?)</button>", card)
         ]
     return cards
+
+
+def messages(dom: str) -> list[str]:
+    return re.findall(r'<p class="muted message">(.*?)</p>', dom)
 
 
 def test_course_cards_show_the_right_button_for_each_state(web, simulator, worker, db, tmp_path):
@@ -90,11 +94,13 @@ def test_course_cards_show_the_right_button_for_each_state(web, simulator, worke
     enroll(waiting, "eft")
     enroll(unpaid, "card")
 
-    cards = buttons(render(f"{web}/#token={token}", tmp_path / "student"))
+    dom = render(f"{web}/#token={token}", tmp_path / "student")
+    cards = buttons(dom)
     assert cards[paid.title] == [("Continue Course", False)]
     assert cards[waiting.title] == [("Pending Approval", True)]
     assert cards[unpaid.title] == [("Complete Payment", False)]
     assert cards[untouched.title] == [("Enroll Now (card)", False), ("Enroll with EFT", False)]
+    assert [m for m in messages(dom) if "bank transfer with reference SP-" in m]
 
     anonymous = buttons(render(f"{web}/", tmp_path / "anonymous"))
     assert anonymous[paid.title] == [("Register To Enroll", False)]

@@ -80,6 +80,13 @@ def test_eft_checkout_waits_for_approval(web, worker, db):
     assert body["state"] == "pending_approval" and body["course_access"] is False
     assert body["payment"]["reference"].startswith("SP-") and body["paylink_url"] is None
     assert "EFT" in body["waiting_reason"]
+    card = requests.get(
+        f"{web}/api/courses/{course.id}/enrollment-state",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    ).json()
+    assert card["button_text"] == "Pending Approval" and card["disabled"] is True
+    assert body["payment"]["reference"] in card["message"]
 
 
 def test_success_that_looks_like_eft_waits_for_an_admin(web, worker, db):
