@@ -15,17 +15,12 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import BulkJob, BulkJobItem, State, User, on_commit, session_scope, utcnow
-from pipeline.errors import NotFound, SkillpayError, describe, is_transient
+from pipeline.errors import InvalidRequest, NotFound, describe, is_transient
 from pipeline.notify import notify_transitions
 from pipeline.state_machine import Transition, transition_enrollments
 
 BATCH_SIZE = 500
 MAX_ITEMS = 50_000
-
-
-class BulkRequestError(SkillpayError):
-    code = "invalid_request"
-    http_status = 400
 
 
 def create_job(
@@ -42,9 +37,9 @@ def create_job(
             return existing, False
     unique_ids = list(dict.fromkeys(ids))
     if not unique_ids:
-        raise BulkRequestError("ids must list at least one enrollment id")
+        raise InvalidRequest("ids must list at least one enrollment id")
     if len(unique_ids) > MAX_ITEMS:
-        raise BulkRequestError(f"at most {MAX_ITEMS} enrollments per job")
+        raise InvalidRequest(f"at most {MAX_ITEMS} enrollments per job")
     job = BulkJob(admin_user_id=admin.id, idempotency_key=idempotency_key, total=len(unique_ids))
     session.add(job)
     session.flush()

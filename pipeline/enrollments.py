@@ -23,18 +23,13 @@ from models import (
     User,
     utcnow,
 )
-from pipeline.errors import NotFound, SkillpayError
+from pipeline.errors import InvalidRequest, NotFound
 from pipeline.ikhokha import Gateway, LinkRequest
 from pipeline.notify import notify_transition
 from pipeline.state_machine import record_creation, transition_enrollment
 
 EFT_WAITING_REASON = "EFT payment: confirm the money is in the bank account"
 _REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-
-
-class ValidationError(SkillpayError):
-    code = "invalid_request"
-    http_status = 400
 
 
 def new_reference() -> str:
@@ -87,7 +82,7 @@ def start_checkout(
     no payment yet and is retried by the pipeline.
     """
     if method not in (PaymentMethod.CARD, PaymentMethod.EFT):
-        raise ValidationError("payment_method must be 'card' or 'eft'")
+        raise InvalidRequest("payment_method must be 'card' or 'eft'")
     course = session.get(Course, course_id)
     if course is None:
         raise NotFound(f"course {course_id} does not exist")
@@ -235,7 +230,7 @@ def decide(
     """
     target = State.APPROVED if approve else State.REJECTED
     if not approve and not (reason and reason.strip()):
-        raise ValidationError("a reason is required to reject, and the student will see it")
+        raise InvalidRequest("a reason is required to reject, and the student will see it")
     result = transition_enrollment(
         session,
         enrollment_id,

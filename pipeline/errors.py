@@ -58,6 +58,13 @@ class ClosedEnrollment(SkillpayError):
     code = "closed_enrollment"
 
 
+class InvalidRequest(SkillpayError):
+    """A request the API cannot act on, with the reason."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
 class InvalidTransition(SkillpayError):
     code = "invalid_transition"
     http_status = 409

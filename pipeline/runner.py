@@ -25,7 +25,7 @@ from models import (
     session_scope,
     utcnow,
 )
-from pipeline.errors import describe
+from pipeline.errors import InvalidTransition, NotFound, describe
 from pipeline.stages import STAGE_NAMES, STAGES, next_stage
 
 log = structlog.get_logger(__name__)
@@ -142,8 +142,6 @@ def replay(
     session: Session, dead_letter_id: int, enqueue: Enqueue, from_stage: str | None = None
 ) -> DeadLetter:
     """Send a dead event back into the pipeline, from its failed stage or an earlier one."""
-    from pipeline.errors import InvalidTransition, NotFound
-
     letter = session.get(DeadLetter, dead_letter_id)
     if letter is None:
         raise NotFound(f"dead letter {dead_letter_id} does not exist")

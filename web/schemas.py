@@ -8,17 +8,8 @@ from flask import request
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from models import PaymentMethod, State
-from pipeline.errors import SkillpayError
+from pipeline.errors import InvalidRequest
 from pipeline.stages import STAGE_NAMES
-
-
-class InvalidRequest(SkillpayError):
-    code = "invalid_request"
-    http_status = 400
-
-    def __init__(self, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.details = details
 
 
 class EnrollmentRequest(Schema):
@@ -102,11 +93,11 @@ def load_json(schema: Schema) -> dict[str, Any]:
     try:
         return schema.load(data)
     except ValidationError as exc:
-        raise InvalidRequest(_first_error(exc.messages), exc.messages) from exc
+        raise InvalidRequest(_first_error(exc.messages)) from exc
 
 
 def load_query(schema: Schema) -> dict[str, Any]:
     try:
         return schema.load(request.args.to_dict())
     except ValidationError as exc:
-        raise InvalidRequest(_first_error(exc.messages), exc.messages) from exc
+        raise InvalidRequest(_first_error(exc.messages)) from exc
