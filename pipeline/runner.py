@@ -166,6 +166,19 @@ def replay(
     return letter
 
 
+def dead_letters(
+    session: Session, *, include_replayed: bool = False, limit: int = 500, offset: int = 0
+) -> list[tuple[DeadLetter, WebhookEvent]]:
+    """Dead letters with their events, newest first; by default only those not yet replayed."""
+    stmt = select(DeadLetter, WebhookEvent).join(
+        WebhookEvent, WebhookEvent.id == DeadLetter.event_id
+    )
+    if not include_replayed:
+        stmt = stmt.where(DeadLetter.resolved_at.is_(None))
+    rows = session.execute(stmt.order_by(DeadLetter.id.desc()).offset(offset).limit(limit))
+    return [(letter, event) for letter, event in rows]
+
+
 def stalled_events(session: Session, settings: Settings, limit: int = 500) -> list[WebhookEvent]:
     """Events stored or in progress that made no progress for a while, oldest first."""
     cutoff = utcnow() - timedelta(seconds=settings.pipeline_stale_after_seconds)

@@ -17,6 +17,7 @@ from config import Settings
 from models import Enrollment, EnrollmentHistory, Payment, State, WebhookEvent
 from pipeline.callbacks import FAILURE, SUCCESS
 from pipeline.detection import CARD, EFT, PaymentTypeDetector
+from pipeline.enrollments import latest_payment
 from pipeline.errors import ClosedEnrollment, UnknownPayment, UnrecognisedStatus
 from pipeline.ikhokha import get_gateway
 from pipeline.inbox import authenticate
@@ -100,13 +101,8 @@ def route_approval(session: Session, event: WebhookEvent, settings: Settings) ->
     assert enrollment is not None and payment is not None
     status = event.callback_status
     if status == FAILURE:
-        latest = session.scalar(
-            select(Payment.id)
-            .where(Payment.enrollment_id == enrollment.id)
-            .order_by(Payment.created_at.desc())
-            .limit(1)
-        )
-        if latest != payment.id:
+        latest = latest_payment(session, enrollment.id)
+        if latest is None or latest.id != payment.id:
             event.decision = {"target": None, "reason": "failure of an earlier payment link"}
             return
         event.decision = {

@@ -181,16 +181,11 @@ def dead_letter_view(letter: DeadLetter, event: WebhookEvent) -> dict:
 @require_admin
 def dead_letters():
     q = load_query(PageQuery())
-    show_all = request.args.get("all") in ("1", "true")
-    stmt = select(DeadLetter, WebhookEvent).join(
-        WebhookEvent, WebhookEvent.id == DeadLetter.event_id
-    )
-    if not show_all:
-        stmt = stmt.where(DeadLetter.resolved_at.is_(None))
-    rows = db().execute(
-        stmt.order_by(DeadLetter.id.desc())
-        .offset((q["page"] - 1) * q["per_page"])
-        .limit(q["per_page"])
+    rows = runner.dead_letters(
+        db(),
+        include_replayed=request.args.get("all") in ("1", "true"),
+        limit=q["per_page"],
+        offset=(q["page"] - 1) * q["per_page"],
     )
     return jsonify({"items": [dead_letter_view(dl, ev) for dl, ev in rows]})
 

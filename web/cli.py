@@ -170,15 +170,11 @@ def dlq() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Include dead letters already replayed.")
 def dlq_list(show_all: bool) -> None:
     """List dead letters, newest first."""
-    from models import DeadLetter, WebhookEvent, session_scope
+    from models import session_scope
+    from pipeline.runner import dead_letters
 
     with session_scope() as session:
-        stmt = select(DeadLetter, WebhookEvent).join(
-            WebhookEvent, WebhookEvent.id == DeadLetter.event_id
-        )
-        if not show_all:
-            stmt = stmt.where(DeadLetter.resolved_at.is_(None))
-        rows = session.execute(stmt.order_by(DeadLetter.id.desc()).limit(500)).all()
+        rows = dead_letters(session, include_replayed=show_all)
         click.echo(
             f"{'id':>6} {'event':>7} {'stage':<24} {'status':<8} {'replays':>7}  error", err=True
         )
