@@ -30,15 +30,16 @@ def notify_transition(
 ) -> list[Notification]:
     """Write the student's and the admins' notifications of one state change."""
     rows = _rows(enrollment, history)
-    session.add_all(rows)
-    session.flush()
-    on_commit(session, lambda: publish(rows))
+    _store_and_push(session, rows)
     return rows
 
 
 def notify_transitions(session: Session, transitions: list[Any]) -> None:
     """notify_transition() for many changes (bulk approval), flushed and pushed together."""
-    rows = [row for t in transitions for row in _rows(t.enrollment, t.history)]
+    _store_and_push(session, [row for t in transitions for row in _rows(t.enrollment, t.history)])
+
+
+def _store_and_push(session: Session, rows: list[Notification]) -> None:
     if not rows:
         return
     session.add_all(rows)

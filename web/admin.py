@@ -58,29 +58,25 @@ def queue():
 @bp.post("/enrollments/<int:enrollment_id>/approve")
 @require_admin
 def approve(enrollment_id: int):
-    session = db()
-    enrollment, changed = decide(session, enrollment_id, current_user(), approve=True)
-    session.commit()
-    view = enrollment_view(session, enrollment)
-    view["changed"] = changed
-    if not changed:
-        view["message"] = "already approved; nothing changed"
-    return jsonify(view)
+    return _decide(enrollment_id, approve=True)
 
 
 @bp.post("/enrollments/<int:enrollment_id>/reject")
 @require_admin
 def reject(enrollment_id: int):
-    data = load_json(RejectRequest())
+    return _decide(enrollment_id, approve=False, reason=load_json(RejectRequest())["reason"])
+
+
+def _decide(enrollment_id: int, *, approve: bool, reason: str | None = None):
     session = db()
     enrollment, changed = decide(
-        session, enrollment_id, current_user(), approve=False, reason=data["reason"]
+        session, enrollment_id, current_user(), approve=approve, reason=reason
     )
     session.commit()
     view = enrollment_view(session, enrollment)
     view["changed"] = changed
     if not changed:
-        view["message"] = "already rejected; nothing changed"
+        view["message"] = f"already {enrollment.state}; nothing changed"
     return jsonify(view)
 
 
