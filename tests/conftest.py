@@ -10,10 +10,8 @@ from config import reset_settings
 from models import db as models_db
 from models.db import driver_url
 from tests.support import (
-    create_database,
-    drop_database,
     make_settings,
-    unavailable,
+    migrated_database,
 )
 
 # Tests never read the developer's environment for the secret or the database.
@@ -23,15 +21,8 @@ os.environ.setdefault("APP_ENV", "test")
 @pytest.fixture(scope="session")
 def pg_database():
     """A fresh PostgreSQL database with the migrations applied, for the whole session."""
-    try:
-        url = create_database("skillpay_unit")
-    except Exception as exc:  # noqa: BLE001
-        unavailable("PostgreSQL", exc)
-    from migrations import upgrade
-
-    upgrade(url)
-    yield url
-    drop_database(url)
+    with migrated_database("skillpay_unit") as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,6 +49,22 @@ def create_database(prefix: str) -> str:
     admin.dispose()
     parts = urlsplit(PG_ADMIN_URL)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+@contextmanager
+def migrated_database(prefix: str) -> Iterator[str]:
+    """A fresh database with the migrations applied, dropped afterwards."""
+    try:
+        url = create_database(prefix)
+    except Exception as exc:  # noqa: BLE001
+        unavailable("PostgreSQL", exc)
+    from migrations import upgrade
+
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_database(url)
 
 
 def drop_database(url: str) -> None:
@@ -234,3 +251,20 @@ def many_card_payments(session, n: int) -> list[tuple[str, str, int]]:
     ).all()
     session.commit()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def stored_callback(session, settings: Settings, body: dict[str, Any], **sign_kwargs: Any):
+    """A signed callback received into the inbox (nothing enqueued); returns its event."""
+    from models import WebhookEvent
+    from pipeline.inbox import receive_callback
+
+    raw, headers = signed(body, **sign_kwargs)
+    received = receive_callback(
+        session,
+        settings,
+        path="/webhooks/ikhokha",
+        headers=headers,
+        body=raw,
+        enqueue=lambda *a: None,
+    )
+    return session.get(WebhookEvent, received.event_id)

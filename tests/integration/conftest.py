@@ -21,9 +21,8 @@ from tests.support import (
     REDIS_URL,
     TEST_APP_ID,
     TEST_SECRET,
-    create_database,
-    drop_database,
     free_port,
+    migrated_database,
     unavailable,
     wait_for,
 )
@@ -47,15 +46,8 @@ TABLES = (
 
 @pytest.fixture(scope="session")
 def live_database():
-    try:
-        url = create_database("skillpay_it")
-    except Exception as exc:  # noqa: BLE001
-        unavailable("PostgreSQL", exc)
-    from migrations import upgrade
-
-    upgrade(url)
-    yield url
-    drop_database(url)
+    with migrated_database("skillpay_it") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

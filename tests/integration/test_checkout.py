@@ -35,6 +35,18 @@ def state(web, auth, enrollment_id):
     return requests.get(f"{web}/api/enrollments/{enrollment_id}", headers=auth, timeout=10).json()
 
 
+def paid_without_callback(simulator, enrollment) -> str:
+    """The link is paid at the simulator, whose callback never comes. Returns the link id."""
+    link_id = enrollment["paylink_url"].rsplit("/", 1)[1]
+    settled = requests.post(
+        f"{simulator}/_sim/links/{link_id}/settle",
+        json={"status": "SUCCESS", "times": 0},
+        timeout=10,
+    )
+    assert settled.json()["status"] == "SUCCESS"
+    return link_id
+
+
 def card(web, auth, course_id):
     return requests.get(
         f"{web}/api/courses/{course_id}/enrollment-state", headers=auth, timeout=10
@@ -80,13 +92,8 @@ def test_card_purchase_end_to_end(web, simulator, worker, db, student):
 def test_redirect_before_the_callback_is_harmless(web, simulator, worker, db, student):
     course, auth = student
     enrollment = enroll(web, auth, course.id)
-    link_id = enrollment["paylink_url"].rsplit("/", 1)[1]
     # Paid at iKhokha, but the callback is late: the student is back first.
-    requests.post(
-        f"{simulator}/_sim/links/{link_id}/settle",
-        json={"status": "SUCCESS", "times": 0},
-        timeout=10,
-    )
+    link_id = paid_without_callback(simulator, enrollment)
     page = requests.get(f"{web}/payments/{enrollment['payment']['id']}/success", timeout=10)
     assert page.status_code == 200
     wait_for(lambda: state(web, auth, enrollment["id"])["state"] == "approved")
@@ -160,12 +167,7 @@ def test_reconcile_settles_a_payment_whose_callback_never_came(
 
     course, auth = student
     enrollment = enroll(web, auth, course.id)
-    link_id = enrollment["paylink_url"].rsplit("/", 1)[1]
-    requests.post(
-        f"{simulator}/_sim/links/{link_id}/settle",
-        json={"status": "SUCCESS", "times": 0},
-        timeout=10,
-    )
+    paid_without_callback(simulator, enrollment)
     skillpay = str(Path(sys.executable).parent / "skillpay")
     env = dict(process_env, PUBLIC_BASE_URL=web)
     result = subprocess.run(

@@ -12,7 +12,6 @@ from models import (
     Notification,
     StageAttempt,
     State,
-    WebhookEvent,
 )
 from pipeline import runner, stages
 from pipeline.errors import (
@@ -22,21 +21,7 @@ from pipeline.errors import (
     UnrecognisedStatus,
 )
 from pipeline.ikhokha import LinkStatus, set_gateway
-from pipeline.inbox import receive_callback
-from tests.support import callback_body, make_enrollment, signed
-
-
-def store(session, settings, body, **sign_kwargs) -> WebhookEvent:
-    raw, headers = signed(body, **sign_kwargs)
-    received = receive_callback(
-        session,
-        settings,
-        path="/webhooks/ikhokha",
-        headers=headers,
-        body=raw,
-        enqueue=lambda *a: None,
-    )
-    return session.get(WebhookEvent, received.event_id)
+from tests.support import callback_body, make_enrollment, stored_callback
 
 
 def run_all(settings, event_id):
@@ -46,7 +31,7 @@ def run_all(settings, event_id):
 
 def test_signature_check_reverifies_the_stored_event(session, settings):
     _, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     stages.check_signature(session, event, settings)
     event.body = event.body.replace(b"SUCCESS", b"FAILURE")
     with pytest.raises(SignatureMismatch):
@@ -55,7 +40,7 @@ def test_signature_check_reverifies_the_stored_event(session, settings):
 
 def test_detection_records_type_confidence_and_indicators(session, settings):
     _, payment = make_enrollment(session, method="card")
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     stages.detect_payment_type(session, event, settings)
     assert event.payment_id == payment.id
     assert event.payment_type == "card"
@@ -64,7 +49,7 @@ def test_detection_records_type_confidence_and_indicators(session, settings):
 
 
 def test_detection_of_an_unknown_payment_is_retryable(session, settings):
-    event = store(session, settings, {"paylinkID": "nope", "status": "SUCCESS"})
+    event = stored_callback(session, settings, {"paylinkID": "nope", "status": "SUCCESS"})
     with pytest.raises(UnknownPayment) as info:
         stages.detect_payment_type(session, event, settings)
     assert info.value.retryable
@@ -72,7 +57,7 @@ def test_detection_of_an_unknown_payment_is_retryable(session, settings):
 
 def test_lookup_finds_the_enrollment_and_flags_mismatches(session, settings):
     enrollment, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment, amount=1, currency="USD"))
+    event = stored_callback(session, settings, callback_body(payment, amount=1, currency="USD"))
     stages.detect_payment_type(session, event, settings)
     stages.look_up_enrollment(session, event, settings)
     assert event.enrollment_id == enrollment.id
@@ -95,7 +80,7 @@ def test_routing(session, settings, method, extra, target, reason_part):
     _, payment = make_enrollment(session, method=method)
     if method == "eft":
         payment.paylink_id = "PL-eft-" + payment.id[:8]
-    event = store(session, settings, callback_body(payment, **extra))
+    event = stored_callback(session, settings, callback_body(payment, **extra))
     for fn in (stages.detect_payment_type, stages.look_up_enrollment, stages.route_approval):
         fn(session, event, settings)
     assert event.decision["target"] == target
@@ -104,11 +89,11 @@ def test_routing(session, settings, method, extra, target, reason_part):
 
 def test_routing_failure_and_unknown_status(session, settings):
     _, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment, status="FAILURE"))
+    event = stored_callback(session, settings, callback_body(payment, status="FAILURE"))
     for fn in (stages.detect_payment_type, stages.look_up_enrollment, stages.route_approval):
         fn(session, event, settings)
     assert event.decision["target"] == "payment_failed"
-    odd = store(session, settings, callback_body(payment, status="REVERSED"))
+    odd = stored_callback(session, settings, callback_body(payment, status="REVERSED"))
     stages.detect_payment_type(session, odd, settings)
     stages.look_up_enrollment(session, odd, settings)
     with pytest.raises(UnrecognisedStatus):
@@ -117,7 +102,7 @@ def test_routing_failure_and_unknown_status(session, settings):
 
 def test_routing_success_for_a_rejected_enrollment_needs_a_person(session, settings):
     _, payment = make_enrollment(session, state=State.REJECTED)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     stages.detect_payment_type(session, event, settings)
     stages.look_up_enrollment(session, event, settings)
     with pytest.raises(ClosedEnrollment):
@@ -137,7 +122,7 @@ def test_confirmation_with_ikhokha_holds_back_an_unconfirmed_success(session, se
 
     set_gateway(Gateway())
     try:
-        event = store(session, strict, callback_body(payment))
+        event = stored_callback(session, strict, callback_body(payment))
         for fn in (stages.detect_payment_type, stages.look_up_enrollment, stages.route_approval):
             fn(session, event, strict)
     finally:
@@ -148,7 +133,7 @@ def test_confirmation_with_ikhokha_holds_back_an_unconfirmed_success(session, se
 
 def test_whole_pipeline_approves_a_card_payment_once(session, settings):
     enrollment, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     run_all(settings, event.id)
     session.expire_all()
     assert enrollment.state == "approved"
@@ -178,14 +163,14 @@ def test_whole_pipeline_approves_a_card_payment_once(session, settings):
 
 def test_stage_out_of_turn_is_skipped(session, settings):
     _, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     assert runner.run_stage("status_update", event.id, 1, settings) is None
 
 
 def test_failure_after_approval_changes_nothing(session, settings):
     enrollment, payment = make_enrollment(session)
-    run_all(settings, store(session, settings, callback_body(payment)).id)
-    late = store(session, settings, callback_body(payment, status="FAILURE"))
+    run_all(settings, stored_callback(session, settings, callback_body(payment)).id)
+    late = stored_callback(session, settings, callback_body(payment, status="FAILURE"))
     run_all(settings, late.id)
     session.expire_all()
     assert enrollment.state == "approved"
@@ -194,7 +179,7 @@ def test_failure_after_approval_changes_nothing(session, settings):
 
 def test_final_failure_writes_a_dead_letter_and_replay_completes(session, settings):
     enrollment, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     runner.run_stage("signature_check", event.id, 1, settings)
     runner.record_failure(
         "payment_type_detection", event.id, 1, UnknownPayment("gone"), final=False
@@ -227,7 +212,7 @@ def test_final_failure_writes_a_dead_letter_and_replay_completes(session, settin
 
 def test_replay_refuses_an_unknown_stage(session, settings):
     _, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     runner.record_failure("signature_check", event.id, 1, SignatureMismatch(), final=True)
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_id == event.id))
     with pytest.raises(Exception, match="unknown stage"):
@@ -238,7 +223,7 @@ def test_sweeper_redrives_stalled_events_from_their_stage(session, settings):
     from dataclasses import replace
 
     _, payment = make_enrollment(session)
-    event = store(session, settings, callback_body(payment))
+    event = stored_callback(session, settings, callback_body(payment))
     runner.run_stage("signature_check", event.id, 1, settings)
     sent = []
     assert runner.sweep(session, settings, lambda e, s: sent.append((e, s))) == []

@@ -11,25 +11,16 @@ from sqlalchemy.exc import OperationalError
 
 from models import DeadLetter, StageAttempt, WebhookEvent
 from pipeline.errors import SignatureMismatch
-from pipeline.inbox import receive_callback
-from tests.support import callback_body, make_enrollment, signed
+from tests.support import callback_body, make_enrollment, stored_callback
 from workers import tasks
 
 
 @pytest.fixture
 def event(session, settings):
     _, payment = make_enrollment(session)
-    raw, headers = signed(callback_body(payment))
-    received = receive_callback(
-        session,
-        settings,
-        path="/webhooks/ikhokha",
-        headers=headers,
-        body=raw,
-        enqueue=lambda *a: None,
-    )
+    event = stored_callback(session, settings, callback_body(payment))
     session.commit()
-    return session.get(WebhookEvent, received.event_id)
+    return event
 
 
 def fake_task(mocker, retries=0):
