@@ -42,6 +42,10 @@ def make_celery() -> Celery:
         },
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
+        # When the broker connection drops, a running stage can no longer acknowledge its
+        # message (its channel is gone): cancel it and let the message come back. Stages are
+        # idempotent, so running one again is harmless (Celery 6 makes this the default).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         beat_schedule={
             "sweep-stalled-events": {
                 "task": "skillpay.sweep_stalled_events",

@@ -200,6 +200,8 @@ def test_server_stopped_and_restarted_during_the_stream(own_stack, server):
             "the outage fell inside the stream: some callbacks got 503 and were sent again"
         )
     wait_for(lambda: settled(engine, 300), timeout=120, interval=0.5)
+    # The worker rode out the outage (it reconnects; it does not exit).
+    assert own_stack["workers"][-1].proc.poll() is None, own_stack["workers"][-1].log()[-3000:]
     assert_each_applied_once(engine, payments)
     replay_dead_letters(own_stack)
     assert_each_applied_once(engine, payments, allow_dead=False)
