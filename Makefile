@@ -11,14 +11,25 @@ STAMP := $(VENV)/.installed-stamp
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every package, transitive ones included, comes from the lock with its hash; then the project
+# itself, without resolving anything again.
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 .PHONY: install
-install: $(STAMP) ## Install into ./.venv (once, and again when pyproject.toml changes)
+install: $(STAMP) ## Install into ./.venv from requirements/dev.lock (again when it changes)
+
+LOCK := $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+
+.PHONY: lock
+lock: install ## Re-resolve requirements/*.lock after changing pyproject.toml (needs the index)
+	$(LOCK) --output-file requirements/runtime.lock pyproject.toml
+	$(LOCK) --extra dev --extra run --output-file requirements/dev.lock pyproject.toml
 
 # The page tests drive a real headless Chromium; Debian's package, installed when missing and
 # we may (root with apt). Elsewhere those tests skip, or fail under CI=true.
@@ -55,8 +66,9 @@ fmt: install ## Format and fix what ruff can
 
 .PHONY: bench
 bench: install ## Run the benchmarks against PostgreSQL and Redis; writes docs/benchmarks.md
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.stream
 
 .PHONY: clean
 clean: ## Remove the virtual environment and local data

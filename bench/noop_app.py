@@ -8,9 +8,10 @@ import time
 import redis
 from celery import Celery, chain
 
-from workers.app import make_celery
+from config import get_settings
+from workers.celery_app import make_celery
 
-app: Celery = make_celery()
+app: Celery = make_celery(get_settings())
 app.conf.update(
     task_default_queue=os.environ.get("SKILLPAY_CELERY_QUEUE", "skillpay") + "-noop",
     include=[],

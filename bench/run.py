@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,13 @@ class Server:
         self.log.close()
 
 
-def gunicorn(app: str, port: int, env: dict[str, str]) -> Server:
+GTHREAD = ("--workers", "2", "--threads", "4", "--worker-class", "gthread")
+
+
+def gunicorn(
+    app: str, port: int, env: dict[str, str], workers: tuple[str, ...] = GTHREAD
+) -> Server:
+    """A gunicorn server, returned once it answers HTTP at all (any status counts)."""
     server = Server(
         [
             sys.executable,
@@ -79,12 +86,7 @@ def gunicorn(app: str, port: int, env: dict[str, str]) -> Server:
             app,
             "--bind",
             f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-            "--worker-class",
-            "gthread",
+            *workers,
             "--log-level",
             "warning",
         ],
@@ -358,8 +360,11 @@ def bench_bulk(engine, n: int, repeats: int) -> dict:
     from sqlalchemy import text
     from sqlalchemy.orm import Session
 
+    from config import Settings
     from models import User
     from pipeline import bulk
+
+    settings = Settings.from_env()
 
     def waiting_ids() -> list[int]:
         tag = uuid.uuid4().hex[:8]
@@ -400,7 +405,7 @@ def bench_bulk(engine, n: int, repeats: int) -> dict:
             job, _ = bulk.create_job(s, s.get(User, admin_id), ids, None, lambda _job_id: None)
             s.commit()
         start = time.perf_counter()
-        bulk.run_job(job.id)
+        bulk.run_job(settings, job.id)
         ours.append(time.perf_counter() - start)
         ids = waiting_ids()
         start = time.perf_counter()
@@ -501,7 +506,11 @@ def write_report(receiver: list[dict], pipeline: dict, bulk_result: dict, comman
         "![benchmarks](benchmarks.png)",
         "",
     ]
-    (docs / "benchmarks.md").write_text("\n".join(lines))
+    # Keep the sections other benchmarks write (bench/stream.py), between their markers.
+    previous = (docs / "benchmarks.md").read_text() if (docs / "benchmarks.md").exists() else ""
+    marked = re.compile(r"<!-- (\w+):start -->.*?<!-- \1:end -->", re.DOTALL)
+    sections = [m.group(0) for m in marked.finditer(previous)]
+    (docs / "benchmarks.md").write_text("\n".join(lines + sections) + "\n")
     try:
         import matplotlib
 
@@ -561,9 +570,10 @@ def main() -> None:
     os.environ.update(env)
     try:
         from migrations import upgrade
-        from models import get_engine
+        from models import configure_database, get_engine
 
         upgrade(database_url)
+        configure_database(database_url)
         engine = get_engine()
         duration = 3.0 if args.quick else 6.0
         receiver = bench_receiver(env, duration)

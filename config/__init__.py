@@ -1,5 +1,5 @@
-"""Settings from the environment, and the factories that pick implementations from them."""
+"""Settings from the environment, read once by each entry point and handed down."""
 
-from config.settings import ConfigError, Settings, get_settings, reset_settings
+from config.settings import ConfigError, Settings, get_settings
 
-__all__ = ["ConfigError", "Settings", "get_settings", "reset_settings"]
+__all__ = ["ConfigError", "Settings", "get_settings"]

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-PORTS = {"web": 8000, "simulator": 8010, "flower": 5555, "broker": 6390}
+PORTS = {"web": 8000, "stream": 8001, "simulator": 8010, "flower": 5555, "broker": 6390}
 
 
 def start_embedded_broker(port: int) -> None:
@@ -34,6 +34,8 @@ def main() -> None:
     port = int(env.get("PORT", PORTS["web"]))
     sim_port = int(env.get("SIMULATOR_PORT", PORTS["simulator"]))
     flower_port = int(env.get("FLOWER_PORT", PORTS["flower"]))
+    stream_port = int(env.get("STREAM_PORT", PORTS["stream"]))
+    env.setdefault("SKILLPAY_STREAM_URL", f"http://127.0.0.1:{stream_port}/api/events")
     env.setdefault("APP_ENV", "development")
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     env.setdefault("IKHOKHA_API_URL", f"http://127.0.0.1:{sim_port}")
@@ -52,6 +54,7 @@ def main() -> None:
         "PUBLIC_BASE_URL",
         "IKHOKHA_API_URL",
         "SKILLPAY_VAR_DIR",
+        "SKILLPAY_STREAM_URL",
     )
     (var / "dev.env").write_text(
         "".join(f"{k}={shlex.quote(env[k])}\n" for k in keys if env.get(k))
@@ -68,7 +71,10 @@ def main() -> None:
     py = sys.executable
     schedule = var / "celerybeat-schedule"
     processes = {
-        "web": f"{py} -m gunicorn web.wsgi:app --bind 127.0.0.1:{port} --workers 2 --threads 4",
+        "web": f"{py} -m gunicorn web.wsgi:app -c python:web.gunicorn_conf "
+        f"--bind 127.0.0.1:{port} --workers 2 --threads 4 --access-logfile -",
+        "stream": f"{py} -m gunicorn web.stream:serve -c python:web.gunicorn_conf "
+        f"--worker-class aiohttp.GunicornWebWorker --bind 127.0.0.1:{stream_port} --workers 1",
         "worker": f"{py} -m celery -A workers.app worker --loglevel INFO --concurrency 2",
         "beat": f"{py} -m celery -A workers.app beat --loglevel INFO --schedule {schedule}",
         "simulator": f"{py} -m gunicorn simulator.wsgi:app --bind 127.0.0.1:{sim_port} "
@@ -83,6 +89,7 @@ def main() -> None:
 Skillpay is starting (embedded defaults; data in {var}).
   Courses (student page)  http://127.0.0.1:{port}/
   Admin queue             http://127.0.0.1:{port}/admin
+  Live stream             http://127.0.0.1:{stream_port}/api/events
   iKhokha simulator       http://127.0.0.1:{sim_port}/
   Flower                  http://127.0.0.1:{flower_port}/
   Readiness               http://127.0.0.1:{port}/readyz

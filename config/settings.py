@@ -45,6 +45,9 @@ class Settings:
     ikhokha_app_id: str = ""
     ikhokha_app_secret: str = field(default="", repr=False)
     ikhokha_mode: str = "live"
+    # Which gateway speaks for iKhokha: "http" (iKhokha, or the local simulator) or "memory"
+    # (tests only; production refuses it).
+    ikhokha_gateway: str = "http"
     # Confirm a SUCCESS callback with iKhokha's status endpoint before granting access.
     ikhokha_confirm_with_status: bool = False
     ikhokha_connect_timeout: float = 3.05
@@ -60,6 +63,8 @@ class Settings:
     # An inbox row that made no progress for this long is re-driven by the sweeper.
     pipeline_stale_after_seconds: float = 300.0
     sweep_interval_seconds: float = 30.0
+    # The sweeper waits while more messages than this are queued (a backlog is not a stall).
+    sweep_max_queue_depth: int = 200
     # Ask iKhokha about card payments still waiting (a callback that never came).
     reconcile_interval_seconds: float = 600.0
     broker_visibility_timeout: int = 3600
@@ -70,11 +75,35 @@ class Settings:
     db_lock_timeout_ms: int = 5000
     log_level: str = "INFO"
     log_json: bool = False
+    # A return page asks iKhokha about a payment at most this often (off the request path),
+    # and each address may load return pages at most this often.
+    status_check_interval_seconds: float = 60.0
+    return_page_rate_limit: str = "30/minute"
+    # The live stream (web/stream.py): where browsers reach GET /api/events (empty: the same
+    # origin as the pages, behind a proxy that routes it to the stream process), where that
+    # process listens, how long a ticket lives and how often an idle stream hears a heartbeat.
+    stream_url: str = ""
+    stream_port: int = 8001
+    stream_ticket_seconds: float = 60.0
+    stream_heartbeat_seconds: float = 15.0
+    # When set, /metrics and /readyz answer only to `Authorization: Bearer <this token>`.
+    metrics_token: str = field(default="", repr=False)
+    # Flower's own authentication (read by Flower from the same variables); production
+    # refuses to start without one of them.
+    flower_basic_auth: str = field(default="", repr=False)
+    flower_auth_provider: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
-        app_env = env.get("APP_ENV", "development").strip() or "development"
+        app_env = env.get("APP_ENV", "").strip()
+        if not app_env:
+            # A deployment that forgot it must not run as development, with the placeholder
+            # secret and no production checks.
+            raise ConfigError(
+                "APP_ENV is not set: use APP_ENV=production for a deployment, "
+                "or APP_ENV=development on your own machine (make run sets it)"
+            )
         if app_env not in APP_ENVS:
             raise ConfigError(f"APP_ENV must be one of {', '.join(APP_ENVS)}, not {app_env!r}")
         production = app_env == "production"
@@ -102,9 +131,13 @@ class Settings:
         prefixed = {
             "port": "PORT",
             "ikhokha_mode": "IKHOKHA_MODE",
+            "ikhokha_gateway": "IKHOKHA_GATEWAY",
             "ikhokha_confirm_with_status": "IKHOKHA_CONFIRM_WITH_STATUS",
             "ikhokha_connect_timeout": "IKHOKHA_CONNECT_TIMEOUT",
             "ikhokha_read_timeout": "IKHOKHA_READ_TIMEOUT",
+            "flower_basic_auth": "FLOWER_BASIC_AUTH",
+            "flower_auth_provider": "FLOWER_AUTH_PROVIDER",
+            "stream_port": "STREAM_PORT",
         }
         for f in fields(cls):
             name = prefixed.get(f.name, "SKILLPAY_" + f.name.upper())
@@ -137,6 +170,17 @@ class Settings:
         """The callback URL's path as iKhokha signs it (PUBLIC_BASE_URL may carry a prefix)."""
         return urlsplit(self.public_base_url).path.rstrip("/") + "/webhooks/ikhokha"
 
+    @property
+    def public_origin(self) -> str:
+        """Scheme, host and port of PUBLIC_BASE_URL: the origin the pages are served from."""
+        parts = urlsplit(self.public_base_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def events_url(self) -> str:
+        """Where a browser opens its EventSource."""
+        return self.stream_url or self.url_for_public("/api/events")
+
     def url_for_public(self, path: str) -> str:
         return self.public_base_url + path
 
@@ -145,6 +189,10 @@ class Settings:
         found: list[str] = []
         if self.ikhokha_mode not in ("live", "test"):
             found.append(f"IKHOKHA_MODE must be 'live' or 'test', not {self.ikhokha_mode!r}")
+        if self.ikhokha_gateway not in ("http", "memory"):
+            found.append(
+                f"IKHOKHA_GATEWAY must be 'http' or 'memory', not {self.ikhokha_gateway!r}"
+            )
         if self.pipeline_retry_max_seconds * 2 >= self.broker_visibility_timeout:
             found.append(
                 "SKILLPAY_PIPELINE_RETRY_MAX_SECONDS must stay well below "
@@ -152,8 +200,17 @@ class Settings:
             )
         if not 0 < self.card_min_confidence <= 1:
             found.append("SKILLPAY_CARD_MIN_CONFIDENCE must be in (0, 1]")
+        if self.app_env == "test" and self.ikhokha_app_secret == DEV_APP_SECRET:
+            host = urlsplit(self.public_base_url).hostname or ""
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                found.append(
+                    "the placeholder IKHOKHA_APP_SECRET is only for a machine of your own: "
+                    "with APP_ENV=test, PUBLIC_BASE_URL must be a loopback address"
+                )
         if not self.production:
             return found
+        if self.ikhokha_gateway != "http":
+            found.append("IKHOKHA_GATEWAY must be 'http' in production: 'memory' is for tests")
         if not self.database_url.startswith("postgresql"):
             found.append("DATABASE_URL must point at PostgreSQL in production")
         broker = self.celery_broker_url
@@ -167,6 +224,13 @@ class Settings:
             found.append("PUBLIC_BASE_URL must be an https:// URL that iKhokha can reach")
         if not self.ikhokha_api_url.startswith("https://"):
             found.append("IKHOKHA_API_URL must be an https:// URL in production")
+        if self.ikhokha_mode != "live":
+            found.append("IKHOKHA_MODE must be 'live' in production: test links take no money")
+        if not self.flower_basic_auth and not self.flower_auth_provider:
+            found.append(
+                "FLOWER_BASIC_AUTH (user:password) or FLOWER_AUTH_PROVIDER must be set in "
+                "production: Flower shows and controls every worker"
+            )
         if not self.ikhokha_confirm_with_status:
             found.append(
                 "IKHOKHA_CONFIRM_WITH_STATUS must stay on in production: "
@@ -180,17 +244,7 @@ class Settings:
             raise ConfigError(f"refusing to start ({self.app_env}): " + "; ".join(problems))
 
 
-_settings: Settings | None = None
-
-
 def get_settings() -> Settings:
-    global _settings
-    if _settings is None:
-        _settings = Settings.from_env()
-    return _settings
-
-
-def reset_settings(settings: Settings | None = None) -> None:
-    """Tests and the CLI swap settings here; everything else calls get_settings()."""
-    global _settings
-    _settings = settings
+    """Settings from this process's environment. Only entry points call it (web/wsgi.py,
+    workers/app.py, the CLI); everything else is handed the settings they made."""
+    return Settings.from_env()

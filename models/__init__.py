@@ -1,6 +1,13 @@
 """Tables and database sessions."""
 
-from models.db import get_engine, new_session, on_commit, reset_engine, session_scope
+from models.db import (
+    configure_database,
+    get_engine,
+    new_session,
+    on_commit,
+    reset_engine,
+    session_scope,
+)
 from models.tables import (
     OPEN_STATES,
     ApiToken,
@@ -18,6 +25,7 @@ from models.tables import (
     Role,
     StageAttempt,
     State,
+    StreamTicket,
     User,
     WebhookEvent,
     utcnow,
@@ -40,8 +48,10 @@ __all__ = [
     "Role",
     "StageAttempt",
     "State",
+    "StreamTicket",
     "User",
     "WebhookEvent",
+    "configure_database",
     "get_engine",
     "new_session",
     "on_commit",

@@ -10,10 +10,11 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from config import get_settings
-
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
+# Set once per process by configure_database() from the settings the process was started with.
+_url: str | None = None
+_lock_timeout_ms = 5000
 
 
 def driver_url(url: str) -> str:
@@ -56,17 +57,27 @@ def make_engine(url: str, lock_timeout_ms: int = 5000) -> Engine:
     )
 
 
+def configure_database(database_url: str, lock_timeout_ms: int = 5000) -> None:
+    """Point this process at a database. The web app, the worker and the CLI call it with
+    their settings; the engine itself is made on first use (after a worker's fork)."""
+    global _url, _lock_timeout_ms
+    if database_url != _url or lock_timeout_ms != _lock_timeout_ms:
+        reset_engine()
+    _url, _lock_timeout_ms = database_url, lock_timeout_ms
+
+
 def get_engine() -> Engine:
     global _engine, _factory
     if _engine is None:
-        settings = get_settings()
-        _engine = make_engine(settings.database_url, settings.db_lock_timeout_ms)
+        if _url is None:
+            raise RuntimeError("no database: models.configure_database() was not called")
+        _engine = make_engine(_url, _lock_timeout_ms)
         _factory = sessionmaker(_engine, expire_on_commit=False)
     return _engine
 
 
 def reset_engine() -> None:
-    """Drop the engine (after a fork, or when tests change DATABASE_URL)."""
+    """Drop the engine (after a fork); the next use makes a new one."""
     global _engine, _factory
     if _engine is not None:
         _engine.dispose()

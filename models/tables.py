@@ -102,7 +102,22 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(12))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # None: never expires (tokens made by tests and scripts that ask for it).
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
     user: Mapped[User] = relationship()
+
+
+class StreamTicket(Base):
+    """A one-use, short-lived credential for GET /api/events?ticket= (EventSource cannot send
+    an Authorization header, and the long-lived token must never stand in a URL)."""
+
+    __tablename__ = "stream_tickets"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ticket_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Course(Base):
@@ -161,6 +176,8 @@ class Payment(Base):
     paylink_id: Mapped[str | None] = mapped_column(String(128), unique=True, default=None)
     paylink_url: Mapped[str | None] = mapped_column(Text, default=None)
     gateway_status: Mapped[str | None] = mapped_column(String(32), default=None)
+    # When a return page last had iKhokha asked about this payment (at most once a minute).
+    status_checked_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     enrollment: Mapped[Enrollment] = relationship()

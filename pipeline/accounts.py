@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from models import ApiToken, Role, User, utcnow
@@ -37,12 +38,30 @@ def create_user(session: Session, email: str, role: str = Role.STUDENT) -> User:
     return user
 
 
-def issue_token(session: Session, user: User) -> str:
-    """A new bearer token for the user; the only time the token itself exists."""
+def issue_token(session: Session, user: User, expires_in: timedelta | None = None) -> str:
+    """A new bearer token for the user, valid for `expires_in` (None: until revoked); the
+    only time the token itself exists."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(user_id=user.id, token_hash=hash_token(token), prefix=token[:10]))
+    expires_at = utcnow() + expires_in if expires_in is not None else None
+    session.add(
+        ApiToken(
+            user_id=user.id, token_hash=hash_token(token), prefix=token[:10], expires_at=expires_at
+        )
+    )
     session.flush()
     return token
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """'30d', '12h', '90m' as a timedelta; 'never' as None. Raises SkillpayError otherwise."""
+    text = text.strip().lower()
+    if text == "never":
+        return None
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit() or not 0 < int(number) <= 100_000:
+        raise SkillpayError(f"not a duration: {text!r} (use 30d, 12h, 90m or never)")
+    return timedelta(**{units[unit]: int(number)})
 
 
 def user_for_token(session: Session, token: str) -> User | None:
@@ -51,7 +70,9 @@ def user_for_token(session: Session, token: str) -> User | None:
     # The lookup is by hash, so comparing in constant time is the database's index, not ours.
     row = session.scalar(
         select(ApiToken).where(
-            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+            ApiToken.token_hash == hash_token(token),
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > utcnow()),
         )
     )
     return row.user if row is not None else None

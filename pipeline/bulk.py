@@ -1,5 +1,8 @@
 """Bulk approval: a job of many enrollments, approved in batches, resumable and idempotent.
 
+Only plain bank transfers are approved in bulk; an enrollment parked for anything else (see
+decisions.needs_individual_review) is skipped with its reason, for an admin to approve alone.
+
 Each batch is one transaction that claims its items with SKIP LOCKED, so two workers on the
 same job (a redelivered message, a sweeper re-drive) never take the same item, and a worker
 killed mid-batch loses only an uncommitted batch, which the next run takes again.
@@ -7,24 +10,29 @@ killed mid-batch loses only an uncommitted batch, which the next run takes again
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import BulkJob, BulkJobItem, State, User, on_commit, session_scope, utcnow
+from config import Settings
+from models import BulkJob, BulkJobItem, Enrollment, State, User, on_commit, session_scope, utcnow
+from pipeline.decisions import needs_individual_review
 from pipeline.errors import InvalidRequest, NotFound, describe, is_transient
-from pipeline.notify import notify_transitions
-from pipeline.state_machine import Transition, transition_enrollments
+from pipeline.notify import notify
+from pipeline.state_machine import Outcome, Transition, transition_enrollments
 
 BATCH_SIZE = 500
 MAX_ITEMS = 50_000
 
 
 def create_job(
-    session: Session, admin: User, ids: Sequence[int], idempotency_key: str | None, enqueue: Any
+    session: Session,
+    admin: User,
+    ids: Sequence[int],
+    idempotency_key: str | None,
+    enqueue: Callable[[str], object],
 ) -> tuple[BulkJob, bool]:
     """Create the job and its items (or return the job this key already made)."""
     if idempotency_key:
@@ -54,7 +62,7 @@ def create_job(
     return job, True
 
 
-def run_batch(job_id: str, batch_size: int = BATCH_SIZE) -> int:
+def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> int:
     """Approve the next batch of the job's pending items. Returns how many it took (0: done)."""
     with session_scope() as session:
         job = session.get(BulkJob, job_id)
@@ -94,23 +102,30 @@ def run_batch(job_id: str, batch_size: int = BATCH_SIZE) -> int:
             source="admin_bulk",
             reason=f"bulk approval job {job_id}",
             only_from=frozenset({State.PENDING_APPROVAL}),
+            refuse_if=_flagged,
         )
-        changed: list[Transition] = []
         for item in items:
             result = results[item.enrollment_id]
             item.finished_at = now
-            if isinstance(result, str):
-                item.outcome, item.detail = "skipped", f"enrollment {result}"
-            elif result.history is None:
-                item.outcome, item.detail = "skipped", "already approved"
-            else:
-                item.outcome, item.detail = "approved", None
-                changed.append(result)
-        notify_transitions(session, changed)
+            item.outcome = "approved" if result.changed else "skipped"
+            item.detail = None if result.changed else _why_skipped(result)
+        notify(session, settings, results.values())
         return len(items)
 
 
-def run_job(job_id: str) -> None:
+def _flagged(enrollment: Enrollment) -> str | None:
+    if not needs_individual_review(enrollment):
+        return None
+    return f"flagged ({enrollment.waiting_reason}): approve it on its own"[:500]
+
+
+def _why_skipped(result: Transition) -> str:
+    if result.outcome is Outcome.ALREADY_THERE or result.refusal:
+        return result.explain()
+    return f"enrollment {result.explain()}"
+
+
+def run_job(settings: Settings, job_id: str) -> None:
     """Run every batch; safe to call again on a job that was interrupted or finished.
 
     A batch that fails for a reason other than a passing one is taken again one item at a
@@ -119,7 +134,7 @@ def run_job(job_id: str) -> None:
     size = BATCH_SIZE
     while True:
         try:
-            taken = run_batch(job_id, size)
+            taken = run_batch(settings, job_id, size)
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -144,9 +159,20 @@ def _next_pending(job_id: str) -> list[int]:
         )
 
 
-def job_view(
-    session: Session, job_id: str, *, items_limit: int = 1000, items_offset: int = 0
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JobProgress:
+    job: BulkJob
+    counts: dict[str, int]  # items by outcome: pending, approved, skipped, failed
+    items: list[BulkJobItem]  # the page asked for, in the order the admin gave
+
+    @property
+    def done(self) -> int:
+        return self.job.total - self.counts["pending"]
+
+
+def job_progress(
+    session: Session, job_id: str, *, limit: int = 1000, offset: int = 0
+) -> JobProgress:
     job = session.get(BulkJob, job_id)
     if job is None:
         raise NotFound(f"bulk job {job_id} does not exist")
@@ -161,46 +187,11 @@ def job_view(
         select(BulkJobItem)
         .where(BulkJobItem.job_id == job_id)
         .order_by(BulkJobItem.position)
-        .offset(items_offset)
-        .limit(items_limit)
+        .offset(offset)
+        .limit(limit)
     )
-    done = job.total - counts.get("pending", 0)
-    return {
-        "id": job.id,
-        "kind": job.kind,
-        "state": job.state,
-        "admin_user_id": job.admin_user_id,
-        "total": job.total,
-        "done": done,
-        "progress": round(done / job.total, 4) if job.total else 1.0,
-        "counts": {k: counts.get(k, 0) for k in ("pending", "approved", "skipped", "failed")},
-        "created_at": job.created_at.isoformat(),
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "items": [
-            {"enrollment_id": i.enrollment_id, "outcome": i.outcome, "detail": i.detail}
-            for i in items
-        ],
-    }
-
-
-def stalled_jobs(session: Session, stale_after_seconds: float) -> list[str]:
-    """Jobs queued or running whose items made no progress for a while."""
-    cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
-    last_progress = (
-        select(func.max(BulkJobItem.finished_at))
-        .where(BulkJobItem.job_id == BulkJob.id)
-        .scalar_subquery()
-    )
-    return list(
-        session.scalars(
-            select(BulkJob.id).where(
-                BulkJob.state.in_(("queued", "running")),
-                BulkJob.created_at < cutoff,
-                func.coalesce(last_progress, BulkJob.created_at) < cutoff,
-            )
-        )
-    )
+    outcomes = ("pending", "approved", "skipped", "failed")
+    return JobProgress(job, {k: counts.get(k, 0) for k in outcomes}, list(items))
 
 
 def mark_failed(job_id: str, enrollment_ids: Sequence[int], error: str) -> None:

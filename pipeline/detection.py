@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-CARD = "card"
-EFT = "eft"
-UNKNOWN = "unknown"
+from models import PaymentMethod
+from pipeline.callbacks import lowered_keys
+
+UNKNOWN = "unknown"  # neither side is sure enough: a person decides
 
 # Callback fields some integrations see, and what they suggest.
 _METHOD_KEYS = ("paymentmethod", "payment_method", "paymenttype", "payment_type", "method")
@@ -64,16 +65,16 @@ class Detection:
 def _classify_word(value: str) -> str | None:
     lowered = value.lower()
     if any(word in lowered for word in _EFT_WORDS):
-        return EFT
+        return PaymentMethod.EFT
     if any(word in lowered for word in _CARD_WORDS):
-        return CARD
+        return PaymentMethod.CARD
     return None
 
 
 class PaymentTypeDetector:
     """Weighs the indicators; the heaviest side wins, its share of the weight is the confidence."""
 
-    CHECKOUT_WEIGHT = {CARD: 0.8, EFT: 0.9}
+    CHECKOUT_WEIGHT = {PaymentMethod.CARD: 0.8, PaymentMethod.EFT: 0.9}
     CALLBACK_METHOD_WEIGHT = 0.9
     DETAIL_WEIGHT = 0.3
 
@@ -88,14 +89,17 @@ class PaymentTypeDetector:
                     self.CHECKOUT_WEIGHT[checkout_method],
                 )
             )
-        lowered = {str(k).lower(): v for k, v in callback.items()}
+        lowered = lowered_keys(callback)
         for key in _METHOD_KEYS:
             value = lowered.get(key)
             if isinstance(value, str) and (kind := _classify_word(value)):
                 indicators.append(
                     Indicator(f"callback.{key}", value[:64], kind, self.CALLBACK_METHOD_WEIGHT)
                 )
-        for keys, kind in ((_CARD_DETAIL_KEYS, CARD), (_EFT_DETAIL_KEYS, EFT)):
+        for keys, kind in (
+            (_CARD_DETAIL_KEYS, PaymentMethod.CARD),
+            (_EFT_DETAIL_KEYS, PaymentMethod.EFT),
+        ):
             for key in keys:
                 if lowered.get(key) not in (None, ""):
                     # The value may be card data: only say that the field is there.
@@ -106,13 +110,17 @@ class PaymentTypeDetector:
 
     @staticmethod
     def score(indicators: list[Indicator]) -> Detection:
-        weights = {CARD: 0.0, EFT: 0.0}
+        weights = {PaymentMethod.CARD: 0.0, PaymentMethod.EFT: 0.0}
         for ind in indicators:
             weights[ind.suggests] += ind.weight
-        total = weights[CARD] + weights[EFT]
+        total = weights[PaymentMethod.CARD] + weights[PaymentMethod.EFT]
         if total == 0:
             return Detection(UNKNOWN, 0.0, indicators)
-        kind = CARD if weights[CARD] >= weights[EFT] else EFT
+        kind = (
+            PaymentMethod.CARD
+            if weights[PaymentMethod.CARD] >= weights[PaymentMethod.EFT]
+            else PaymentMethod.EFT
+        )
         share = weights[kind] / total
         # Agreement raises the confidence towards 1; a single indicator is worth its weight.
         strength = min(1.0, weights[kind])

@@ -17,7 +17,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from config import Settings
-from pipeline.callbacks import normalise_status
+from pipeline.callbacks import lowered_keys, normalise_status
 from pipeline.errors import GatewayError
 from pipeline.signing import compact_json, sign
 
@@ -122,7 +122,7 @@ class HttpGateway:
     def _request(
         self, method: str, path: str, *, body: bytes = b"", query: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        headers = {
+        headers = {  # as iKhokha's API documents them; callbacks come with lower-case names
             "IK-APPID": self.app_id,
             "IK-SIGN": sign(self._secret, path, body),
             "Content-Type": "application/json",
@@ -212,7 +212,7 @@ class HttpGateway:
 
 def parse_status(paylink_id: str, data: dict[str, Any]) -> LinkStatus:
     """Read a status answer tolerantly: its shape is not documented."""
-    lowered = {str(k).lower(): v for k, v in data.items()}
+    lowered = lowered_keys(data)
     raw_status = ""
     for key in ("status", "paymentstatus", "transactionstatus", "paylinkstatus"):
         if isinstance(lowered.get(key), str):
@@ -227,17 +227,51 @@ def parse_status(paylink_id: str, data: dict[str, Any]) -> LinkStatus:
     )
 
 
-_gateway: Gateway | None = None
+class MemoryGateway:
+    """iKhokha in memory, for tests: links are paid with settle(), and `failure`, when set,
+    is raised by every call (an outage, a refusal). Production refuses it."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, dict[str, Any]] = {}
+        self.requests: list[LinkRequest] = []
+        self.failure: Exception | None = None
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def create_payment_link(self, request: LinkRequest) -> PaymentLink:
+        self._check()
+        paylink_id = f"MEM{len(self.links) + 1:06d}"
+        self.requests.append(request)
+        self.links[paylink_id] = {
+            "paylinkID": paylink_id,
+            "status": "PENDING",
+            "amount": request.amount_cents,
+            "externalTransactionID": request.external_transaction_id,
+        }
+        url = f"https://pay.ikhokha.invalid/{paylink_id}"
+        return PaymentLink(paylink_id, url, request.external_transaction_id)
+
+    def settle(self, paylink_id: str, status: str, amount_cents: int | None = None) -> None:
+        link = self.links.setdefault(paylink_id, {"paylinkID": paylink_id})
+        link["status"] = status
+        if amount_cents is not None:
+            link["amount"] = amount_cents
+
+    def get_status(self, paylink_id: str) -> LinkStatus:
+        self._check()
+        return parse_status(paylink_id, self.links.get(paylink_id, {"status": "PENDING"}))
+
+    def payment_history(self, start_date: str, end_date: str) -> list[dict[str, Any]]:
+        self._check()
+        return list(self.links.values())
 
 
-def get_gateway(settings: Settings) -> Gateway:
-    """The gateway for these settings; tests put a fake in with set_gateway()."""
-    global _gateway
-    if _gateway is None:
-        _gateway = HttpGateway(settings)
-    return _gateway
+GATEWAYS = {"http": HttpGateway, "memory": lambda settings: MemoryGateway()}
 
 
-def set_gateway(gateway: Gateway | None) -> None:
-    global _gateway
-    _gateway = gateway
+def make_gateway(settings: Settings) -> Gateway:
+    """The gateway IKHOKHA_GATEWAY names: iKhokha over HTTP (or the local simulator, which
+    speaks the same API), or in memory for tests."""
+    return GATEWAYS[settings.ikhokha_gateway](settings)  # type: ignore[no-any-return]

@@ -11,12 +11,25 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models import EventState, WebhookEvent, on_commit, utcnow
-from pipeline.callbacks import parse_callback
-from pipeline.signing import compact_json, sign, verify_callback
+from pipeline.callbacks import callback_body, parse_callback
+from pipeline.signing import signed_callback, verify_callback
 
+# Where every event starts (pipeline.stages checks that its registry agrees).
 FIRST_STAGE = "signature_check"
-# Never stored: a callback has no business carrying them, and they could be credentials.
-_DROPPED_HEADERS = {"authorization", "cookie", "proxy-authorization"}
+# The only headers stored with an event: what the signature check needs, and what helps an
+# operator trace a delivery. Anything else (cookies, credentials of a proxy) is not kept.
+KEPT_HEADERS = frozenset(
+    {
+        "ik-appid",
+        "ik-sign",
+        "content-type",
+        "content-length",
+        "user-agent",
+        "x-forwarded-for",
+        "x-request-id",
+        "x-skillpay-source",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ def receive_callback(
     """
     authenticate(settings, headers, path, body)
     callback = parse_callback(body)
-    kept = {k.lower(): v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
+    kept = {k.lower(): v[:512] for k, v in headers.items() if k.lower() in KEPT_HEADERS}
     now = utcnow()
     values = {
         "dedupe_key": callback.dedupe_key,
@@ -93,7 +106,7 @@ def receive_callback(
     return Received(event_id, duplicate=True)
 
 
-def record_status(
+def receive_status_answer(
     session: Session,
     settings: Settings,
     *,
@@ -107,21 +120,17 @@ def record_status(
     into the pipeline as a callback signed with our own secret, so it takes the same
     idempotent path as the webhook: whichever arrives second changes nothing.
     """
-    body = compact_json(
-        {
-            "paylinkID": paylink_id,
-            "status": status,
-            "externalTransactionID": external_transaction_id,
-            "source": source,
-        }
+    fields = callback_body(
+        paylink_id=paylink_id,
+        external_transaction_id=external_transaction_id,
+        status=status,
+        source=source,
     )
     path = settings.webhook_path
-    headers = {
-        "ik-appid": settings.ikhokha_app_id,
-        "ik-sign": sign(settings.ikhokha_app_secret, path, body),
-        "content-type": "application/json",
-        "x-skillpay-source": source,
-    }
+    body, headers = signed_callback(
+        fields, path=path, app_id=settings.ikhokha_app_id, secret=settings.ikhokha_app_secret
+    )
+    headers["x-skillpay-source"] = source
     return receive_callback(
         session, settings, path=path, headers=headers, body=body, enqueue=enqueue
     )

@@ -1,6 +1,6 @@
 """Tell the student and the admins about a change: a row to catch up from, and a live push.
 
-The row is written in the same transaction as the change; the push to Redis pub/sub
+The rows are written in the same transaction as the change; the push to Redis pub/sub
 (channels skillpay:user:<id> and skillpay:admins) happens after commit and is best effort:
 a client that missed it reads GET /api/notifications?after=<id>.
 """
@@ -8,13 +8,16 @@ a client that missed it reads GET /api/notifications?after=<id>.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
+import redis
 import structlog
 from sqlalchemy.orm import Session
 
-from config import get_settings
+from config import Settings
 from models import Enrollment, EnrollmentHistory, Notification, on_commit
+from pipeline.state_machine import Transition
 
 log = structlog.get_logger(__name__)
 
@@ -25,26 +28,20 @@ def user_channel(user_id: int) -> str:
     return f"skillpay:user:{user_id}"
 
 
-def notify_transition(
-    session: Session, enrollment: Enrollment, history: EnrollmentHistory
-) -> list[Notification]:
-    """Write the student's and the admins' notifications of one state change."""
-    rows = _rows(enrollment, history)
-    _store_and_push(session, rows)
-    return rows
-
-
-def notify_transitions(session: Session, transitions: list[Any]) -> None:
-    """notify_transition() for many changes (bulk approval), flushed and pushed together."""
-    _store_and_push(session, [row for t in transitions for row in _rows(t.enrollment, t.history)])
-
-
-def _store_and_push(session: Session, rows: list[Notification]) -> None:
+def notify(session: Session, settings: Settings, transitions: Iterable[Transition]) -> None:
+    """Store the student's and the admins' notification of each change, and push them after
+    commit. Transitions that changed nothing are passed over."""
+    rows = [
+        row
+        for t in transitions
+        if t.changed and t.enrollment is not None and t.history is not None
+        for row in _rows(t.enrollment, t.history)
+    ]
     if not rows:
         return
     session.add_all(rows)
     session.flush()
-    on_commit(session, lambda: publish(rows))
+    on_commit(session, lambda: publish(settings.redis_url, rows))
 
 
 def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notification]:
@@ -74,13 +71,12 @@ def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notificati
     ]
 
 
-def publish(rows: list[Notification]) -> None:
-    url = get_settings().redis_url
-    if not url:
+def publish(redis_url: str, rows: list[Notification]) -> None:
+    """Push the rows to their channels; without a Redis URL they are only stored."""
+    if not redis_url:
         return
     try:
-        client = _redis(url)
-        pipe = client.pipeline(transaction=False)
+        pipe = _redis(redis_url).pipeline(transaction=False)
         for row in rows:
             channel = ADMINS_CHANNEL if row.audience == "admins" else user_channel(row.user_id or 0)
             message = {"id": row.id, "kind": row.kind, **row.payload}
@@ -90,12 +86,10 @@ def publish(rows: list[Notification]) -> None:
         log.warning("notification.publish_failed", error=type(exc).__name__)
 
 
-_clients: dict[str, Any] = {}
+_clients: dict[str, redis.Redis] = {}
 
 
-def _redis(url: str) -> Any:
-    import redis
-
+def _redis(url: str) -> redis.Redis:
     if url not in _clients:
         _clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     return _clients[url]

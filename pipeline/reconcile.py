@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -14,7 +14,9 @@ from models import Enrollment, Payment, PaymentMethod, State, utcnow
 from pipeline.callbacks import FAILURE, SUCCESS
 from pipeline.errors import GatewayError
 from pipeline.ikhokha import Gateway
-from pipeline.inbox import Received, record_status
+from pipeline.inbox import Received, receive_status_answer
+
+WAITING_STATES = (State.PENDING_PAYMENT, State.PAYMENT_FAILED)
 
 
 @dataclass
@@ -33,7 +35,7 @@ def waiting_payments(session: Session, older_than: timedelta, limit: int) -> lis
             .where(
                 Payment.method == PaymentMethod.CARD,
                 Payment.paylink_id.is_not(None),
-                Enrollment.state.in_([State.PENDING_PAYMENT, State.PAYMENT_FAILED]),
+                Enrollment.state.in_(WAITING_STATES),
                 Payment.created_at <= utcnow() - older_than,
             )
             .order_by(Payment.created_at)
@@ -58,7 +60,7 @@ def feed_status(
     answer = gateway.get_status(payment.paylink_id)
     if answer.status not in (SUCCESS, FAILURE) or answer.status == payment.gateway_status:
         return None
-    return record_status(
+    return receive_status_answer(
         session,
         settings,
         paylink_id=payment.paylink_id,
@@ -66,6 +68,46 @@ def feed_status(
         status=answer.status,
         source=source,
         enqueue=enqueue,
+    )
+
+
+def claim_status_check(session: Session, payment_id: str, interval: timedelta) -> bool:
+    """True for the one caller per interval that may have iKhokha asked about this payment
+    (a return page reloading every few seconds, or looped by anyone, asks at most once)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Payment)
+        .where(
+            Payment.id == payment_id,
+            or_(Payment.status_checked_at.is_(None), Payment.status_checked_at < now - interval),
+        )
+        .values(status_checked_at=now)
+        .returning(Payment.id)
+    ).first()
+    return claimed is not None
+
+
+def check_payment(
+    session: Session,
+    settings: Settings,
+    gateway: Gateway,
+    payment_id: str,
+    enqueue: Callable[[int, str], object],
+) -> Received | None:
+    """Ask iKhokha about one card payment if it is still waiting (the task a return page
+    sends); its final answer goes into the pipeline like a callback."""
+    payment = session.get(Payment, payment_id)
+    if payment is None or not is_waiting(payment):
+        return None
+    return feed_status(session, settings, gateway, payment, enqueue, source="return_page")
+
+
+def is_waiting(payment: Payment) -> bool:
+    """A card payment with a link whose enrollment has not been settled yet."""
+    return (
+        payment.method == PaymentMethod.CARD
+        and payment.paylink_id is not None
+        and payment.enrollment.state in WAITING_STATES
     )
 
 

@@ -37,6 +37,20 @@ def compact_json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def signed_callback(
+    body: object, *, path: str, app_id: str, secret: str
+) -> tuple[bytes, dict[str, str]]:
+    """A callback's exact bytes and the headers that authenticate them, as iKhokha sends
+    them. `body` is a JSON value, or bytes sent as they are."""
+    raw = body if isinstance(body, bytes) else compact_json(body)
+    headers = {
+        "Content-Type": "application/json",
+        "ik-appid": app_id,
+        "ik-sign": sign(secret, path, raw),
+    }
+    return raw, headers
+
+
 def body_variants(body: bytes) -> Iterator[bytes]:
     """The raw body, then (worked out only if asked for) the compact re-serialisation
     without `text`: integrations report iKhokha signatures that match only the latter.
@@ -48,7 +62,10 @@ def body_variants(body: bytes) -> Iterator[bytes]:
         return
     if isinstance(parsed, dict):
         parsed.pop("text", None)
-        compact = compact_json(parsed)
+        try:
+            compact = compact_json(parsed)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no UTF-8 form to sign
+            return
         if compact != body:
             yield compact
 

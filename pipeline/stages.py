@@ -1,55 +1,64 @@
-"""The six stages of the webhook pipeline, each a plain function of (session, event, settings).
+"""The six stages of the webhook pipeline, each a plain function of (session, event, context).
 
 A stage reads what earlier stages wrote on the inbox row and writes its own result there, so
 a message only ever carries the event id, and any stage can be re-run from the stored row.
+The runner calls a stage under the event's row lock; a stage that must ask iKhokha does so in
+its `fetch`, which the runner calls first, with no transaction open and no lock held.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import Enrollment, EnrollmentHistory, Payment, State, WebhookEvent
-from pipeline.callbacks import FAILURE, SUCCESS
-from pipeline.detection import CARD, EFT, PaymentTypeDetector
-from pipeline.enrollments import latest_payment
+from models import Enrollment, EnrollmentHistory, Payment, PaymentMethod, State, WebhookEvent
+from models.db import session_scope
+from pipeline.callbacks import FAILURE, SUCCESS, lowered_keys
+from pipeline.checkout import EFT_WAITING_REASON
+from pipeline.detection import PaymentTypeDetector
 from pipeline.errors import ClosedEnrollment, UnknownPayment, UnrecognisedStatus
-from pipeline.ikhokha import get_gateway
-from pipeline.inbox import authenticate
-from pipeline.notify import notify_transition
-from pipeline.state_machine import transition_enrollment
+from pipeline.ikhokha import Gateway, LinkStatus
+from pipeline.inbox import FIRST_STAGE, authenticate
+from pipeline.notify import notify
+from pipeline.payments import find_payment, latest_payment
+from pipeline.state_machine import Outcome, Transition, transition_enrollment
 
-StageFn = Callable[[Session, WebhookEvent, Settings], None]
+
+@dataclass(frozen=True)
+class StageContext:
+    settings: Settings
+    gateway: Gateway
+    # What the stage's fetch brought back (None when it has none, or had nothing to ask).
+    fetched: Any = None
+
+
+StageFn = Callable[[Session, WebhookEvent, StageContext], None]
+FetchFn = Callable[[int, StageContext], Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    run: StageFn
+    fetch: FetchFn | None = None
 
 
 def _fields(event: WebhookEvent) -> dict[str, Any]:
     data = json.loads(event.body)
-    return data if isinstance(data, dict) else {}
+    return lowered_keys(data) if isinstance(data, dict) else {}
 
 
-def find_payment(
-    session: Session, paylink_id: str | None, external_id: str | None
-) -> Payment | None:
-    if paylink_id:
-        payment = session.scalar(select(Payment).where(Payment.paylink_id == paylink_id))
-        if payment is not None:
-            return payment
-    if external_id:
-        return session.get(Payment, external_id)
-    return None
-
-
-def check_signature(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def check_signature(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Re-verify the stored raw callback, so a replayed or re-driven event is authenticated too."""
-    authenticate(settings, event.headers, event.path, event.body)
+    authenticate(ctx.settings, event.headers, event.path, event.body)
 
 
-def detect_payment_type(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def detect_payment_type(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Card, EFT or unknown, with a confidence and the indicators behind it."""
     payment = find_payment(session, event.paylink_id, event.external_transaction_id)
     if payment is None:
@@ -63,14 +72,14 @@ def detect_payment_type(session: Session, event: WebhookEvent, settings: Setting
     event.detection = detection.as_dict()
 
 
-def look_up_enrollment(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def look_up_enrollment(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Payment to enrollment, and whether amount, currency, course and link agree."""
     payment = session.get(Payment, event.payment_id)
     if payment is None:
         raise UnknownPayment(f"payment {event.payment_id} is gone")
     enrollment = session.get(Enrollment, payment.enrollment_id)
     assert enrollment is not None
-    fields = {str(k).lower(): v for k, v in _fields(event).items()}
+    fields = _fields(event)
     mismatches: list[str] = []
     if event.external_transaction_id and event.external_transaction_id != payment.id:
         mismatches.append("paylinkID and externalTransactionID name different payments")
@@ -94,7 +103,25 @@ def look_up_enrollment(session: Session, event: WebhookEvent, settings: Settings
     event.checks = {"mismatches": mismatches, "enrollment_state": enrollment.state}
 
 
-def route_approval(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def ask_ikhokha_for_status(event_id: int, ctx: StageContext) -> LinkStatus | None:
+    """Before routing, and only when IKHOKHA_CONFIRM_WITH_STATUS asks for it: iKhokha's own
+    word on a SUCCESS. A short read finds the link; the call is made with nothing held.
+    Transient gateway errors propagate and the stage is retried."""
+    if not ctx.settings.ikhokha_confirm_with_status:
+        return None
+    with session_scope() as session:
+        row = session.execute(
+            select(WebhookEvent.callback_status, WebhookEvent.paylink_id, Payment.paylink_id)
+            .outerjoin(Payment, Payment.id == WebhookEvent.payment_id)
+            .where(WebhookEvent.id == event_id)
+        ).one_or_none()
+    if row is None or row[0] != SUCCESS:
+        return None
+    paylink_id = row[2] or row[1]
+    return ctx.gateway.get_status(paylink_id) if paylink_id else None
+
+
+def route_approval(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Decide the target state: card SUCCESS approves; anything uncertain waits for an admin."""
     enrollment = session.get(Enrollment, event.enrollment_id)
     payment = session.get(Payment, event.payment_id)
@@ -117,15 +144,15 @@ def route_approval(session: Session, event: WebhookEvent, settings: Settings) ->
             f"payment SUCCESS for enrollment {enrollment.id}, which is {enrollment.state}"
         )
     reasons = list((event.checks or {}).get("mismatches", []))
-    if settings.ikhokha_confirm_with_status:
-        reasons += _confirm_with_ikhokha(event, payment, settings)
+    if ctx.settings.ikhokha_confirm_with_status:
+        reasons += _unconfirmed(ctx.fetched, payment)
     if enrollment.state == State.EXPIRED:
         reasons.append("paid after the enrollment expired")
     detection = event.detection or {}
     confidence = float(detection.get("confidence", 0.0))
-    if event.payment_type == EFT:
-        reasons.append("EFT payment: confirm the money is in the bank account")
-    elif event.payment_type != CARD or confidence < settings.card_min_confidence:
+    if event.payment_type == PaymentMethod.EFT:
+        reasons.append(EFT_WAITING_REASON)
+    elif event.payment_type != PaymentMethod.CARD or confidence < ctx.settings.card_min_confidence:
         reasons.append(
             f"payment type uncertain ({event.payment_type}, confidence {confidence:.2f})"
         )
@@ -135,11 +162,10 @@ def route_approval(session: Session, event: WebhookEvent, settings: Settings) ->
         event.decision = {"target": State.APPROVED, "reason": "card payment confirmed by iKhokha"}
 
 
-def _confirm_with_ikhokha(event: WebhookEvent, payment: Payment, settings: Settings) -> list[str]:
-    paylink_id = payment.paylink_id or event.paylink_id
-    if not paylink_id:
+def _unconfirmed(answer: LinkStatus | None, payment: Payment) -> list[str]:
+    """Why iKhokha's answer does not confirm the payment; empty when it does."""
+    if answer is None:
         return ["cannot confirm with iKhokha: no paylink id"]
-    answer = get_gateway(settings).get_status(paylink_id)  # transient errors are retried
     reasons = []
     if not answer.paid:
         reasons.append(f"iKhokha's status endpoint says {answer.status}, not SUCCESS")
@@ -150,7 +176,7 @@ def _confirm_with_ikhokha(event: WebhookEvent, payment: Payment, settings: Setti
     return reasons
 
 
-def update_status(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def update_status(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Apply the decision through the state machine, under the enrollment's row lock.
 
     The transition is re-checked under the lock: whatever happened since routing (an admin's
@@ -175,32 +201,37 @@ def update_status(session: Session, event: WebhookEvent, settings: Settings) -> 
         event_id=event.id,
         strict=False,
     )
-    if result.history is not None:
+    if result.outcome is Outcome.CHANGED:
+        assert result.history is not None
         event.history_id = result.history.id
         event.outcome = f"{result.from_state} -> {result.to_state}"
     else:
         event.outcome = f"no change: enrollment is {result.from_state}"
 
 
-def send_notifications(session: Session, event: WebhookEvent, settings: Settings) -> None:
+def send_notifications(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
     """Tell the student and the admins about the change this event made, if it made one."""
     if event.history_id is None:
         return
     history = session.get(EnrollmentHistory, event.history_id)
     enrollment = session.get(Enrollment, event.enrollment_id)
     assert history is not None and enrollment is not None
-    notify_transition(session, enrollment, history)
+    change = Transition(
+        enrollment.id, Outcome.CHANGED, enrollment, history.from_state, history.to_state, history
+    )
+    notify(session, ctx.settings, [change])
 
 
-STAGES: dict[str, StageFn] = {
-    "signature_check": check_signature,
-    "payment_type_detection": detect_payment_type,
-    "enrollment_lookup": look_up_enrollment,
-    "approval_routing": route_approval,
-    "status_update": update_status,
-    "notification": send_notifications,
+STAGES: dict[str, Stage] = {
+    "signature_check": Stage(check_signature),
+    "payment_type_detection": Stage(detect_payment_type),
+    "enrollment_lookup": Stage(look_up_enrollment),
+    "approval_routing": Stage(route_approval, fetch=ask_ikhokha_for_status),
+    "status_update": Stage(update_status),
+    "notification": Stage(send_notifications),
 }
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
+assert STAGE_NAMES[0] == FIRST_STAGE
 
 
 def next_stage(stage: str) -> str | None:

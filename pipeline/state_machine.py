@@ -1,52 +1,87 @@
-"""The one way an enrollment changes state.
+"""The one way an enrollment comes to be and changes state.
 
-The webhook pipeline, admin actions (one or in bulk), reconciliation, expiry and refunds all
-go through transition_enrollments(): it locks the rows, leaves alone any enrollment already in
-the target state, checks each transition against ALLOWED, and writes exactly one history row
-per real change. transition_enrollment() is the same for one row.
+create_enrollment() makes a new enrollment in one of the allowed first states. The webhook
+pipeline, admin actions (one or in bulk), reconciliation, expiry and refunds all move an
+enrollment through transition_enrollments(): it locks the rows, leaves alone any enrollment
+already in the target state, checks each transition against ALLOWED, and writes exactly one
+history row per real change. transition_enrollment() is the same for one row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Enrollment, EnrollmentHistory, State, utcnow
+from models import Enrollment, EnrollmentHistory, PaymentMethod, State, utcnow
 from pipeline.errors import InvalidTransition, NotFound
 
-S = State
-ALLOWED: dict[str, frozenset[str]] = {
-    S.PENDING_PAYMENT: frozenset(
-        {S.APPROVED, S.PENDING_APPROVAL, S.PAYMENT_FAILED, S.EXPIRED, S.REJECTED}
+# None is "no enrollment yet": the states a new enrollment may start in.
+ALLOWED: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.PENDING_PAYMENT, State.PENDING_APPROVAL}),
+    State.PENDING_PAYMENT: frozenset(
+        {
+            State.APPROVED,
+            State.PENDING_APPROVAL,
+            State.PAYMENT_FAILED,
+            State.EXPIRED,
+            State.REJECTED,
+        }
     ),
-    S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.EXPIRED}),
+    State.PENDING_APPROVAL: frozenset({State.APPROVED, State.REJECTED, State.EXPIRED}),
     # A link stays payable after a failure: a later SUCCESS still counts.
-    S.PAYMENT_FAILED: frozenset({S.APPROVED, S.PENDING_APPROVAL, S.PENDING_PAYMENT, S.EXPIRED}),
+    State.PAYMENT_FAILED: frozenset(
+        {State.APPROVED, State.PENDING_APPROVAL, State.PENDING_PAYMENT, State.EXPIRED}
+    ),
     # A late payment after expiry waits for an admin.
-    S.EXPIRED: frozenset({S.PENDING_APPROVAL}),
-    S.APPROVED: frozenset({S.REFUNDED}),
-    S.REJECTED: frozenset(),
-    S.REFUNDED: frozenset(),
+    State.EXPIRED: frozenset({State.PENDING_APPROVAL}),
+    State.APPROVED: frozenset({State.REFUNDED}),
+    State.REJECTED: frozenset(),
+    State.REFUNDED: frozenset(),
 }
+
+
+class Outcome(enum.Enum):
+    CHANGED = "changed"
+    ALREADY_THERE = "already there"  # it was in the target state: nothing written
+    REFUSED = "refused"  # not allowed from its state (or not from one of only_from)
+    MISSING = "missing"  # no such enrollment
 
 
 @dataclass(frozen=True)
 class Transition:
-    enrollment: Enrollment
-    from_state: str
+    """What happened to one enrollment. `enrollment` is None only when it is MISSING."""
+
+    enrollment_id: int
+    outcome: Outcome
+    enrollment: Enrollment | None
+    from_state: str | None
     to_state: str
-    history: EnrollmentHistory | None
+    history: EnrollmentHistory | None = None
+    # Why a guard (refuse_if) refused an otherwise allowed change.
+    refusal: str | None = None
 
     @property
     def changed(self) -> bool:
-        return self.history is not None
+        return self.outcome is Outcome.CHANGED
+
+    def explain(self) -> str:
+        """Why nothing changed, in words an admin reads."""
+        if self.outcome is Outcome.MISSING:
+            return "does not exist"
+        if self.outcome is Outcome.REFUSED:
+            return self.refusal or f"is {self.from_state}; cannot become {self.to_state}"
+        if self.outcome is Outcome.ALREADY_THERE:
+            return f"already {self.to_state}"
+        return f"{self.from_state} -> {self.to_state}"
 
 
-def can_transition(from_state: str, to_state: str) -> bool:
-    return to_state in ALLOWED.get(from_state, frozenset())
+def can_transition(from_state: str | None, to_state: str) -> bool:
+    return to_state in ALLOWED.get(from_state, frozenset())  # type: ignore[call-overload]
 
 
 def lock_enrollments(session: Session, ids: Sequence[int]) -> dict[int, Enrollment]:
@@ -63,6 +98,88 @@ def lock_enrollments(session: Session, ids: Sequence[int]) -> dict[int, Enrollme
     return {row.id: row for row in rows}
 
 
+def _history(
+    enrollment: Enrollment,
+    from_state: str | None,
+    *,
+    actor: str,
+    actor_user_id: int | None,
+    source: str,
+    reason: str | None,
+    event_id: int | None,
+    at: datetime,
+) -> EnrollmentHistory:
+    return EnrollmentHistory(
+        enrollment_id=enrollment.id,
+        from_state=from_state,
+        to_state=enrollment.state,
+        actor=actor,
+        actor_user_id=actor_user_id,
+        source=source,
+        reason=reason,
+        event_id=event_id,
+        created_at=at,
+    )
+
+
+def _enter(enrollment: Enrollment, state: State, reason: str | None, at: datetime) -> None:
+    """Set the state and the columns that go with it."""
+    enrollment.state = state
+    enrollment.updated_at = at
+    if state == State.APPROVED:
+        enrollment.approved_at = at
+    if state == State.PENDING_APPROVAL:
+        enrollment.waiting_reason = reason
+    if state == State.REJECTED:
+        enrollment.rejection_reason = reason
+
+
+def create_enrollment(
+    session: Session,
+    *,
+    user_id: int,
+    course_id: int,
+    state: State,
+    payment_method: PaymentMethod,
+    expires_at: datetime | None,
+    actor: str,
+    actor_user_id: int | None,
+    source: str,
+    reason: str | None = None,
+) -> Transition:
+    """A new enrollment in an allowed first state, with its first history row (from nothing).
+
+    Raises IntegrityError at flush when the student already has an open enrollment for the
+    course (a unique index); the caller decides what to answer.
+    """
+    if not can_transition(None, state):
+        raise InvalidTransition(f"a new enrollment cannot start as {state}")
+    now = utcnow()
+    enrollment = Enrollment(
+        user_id=user_id,
+        course_id=course_id,
+        payment_method=payment_method,
+        expires_at=expires_at,
+        created_at=now,
+    )
+    _enter(enrollment, state, reason, now)
+    session.add(enrollment)
+    session.flush()
+    history = _history(
+        enrollment,
+        None,
+        actor=actor,
+        actor_user_id=actor_user_id,
+        source=source,
+        reason=reason,
+        event_id=None,
+        at=now,
+    )
+    session.add(history)
+    session.flush()
+    return Transition(enrollment.id, Outcome.CHANGED, enrollment, None, state, history)
+
+
 def transition_enrollments(
     session: Session,
     ids: Sequence[int],
@@ -73,51 +190,62 @@ def transition_enrollments(
     reason: str | None = None,
     actor_user_id: int | None = None,
     event_id: int | None = None,
-    only_from: frozenset[str] | None = None,
-) -> dict[int, Transition | str]:
+    only_from: frozenset[State] | None = None,
+    payment_method: PaymentMethod | None = None,
+    refuse_if: Callable[[Enrollment], str | None] | None = None,
+) -> dict[int, Transition]:
     """Move each enrollment to to_state under its row lock, one history row per change.
 
-    Returns, per id, the Transition (history None when it was already in to_state), or a
-    string saying why it could not move (missing, or not allowed from its state).
+    Returns a Transition per id saying what happened. `payment_method`, when given, changes
+    with the state (a retry that switches from card to EFT), never on its own. `refuse_if`
+    is a caller's policy, asked under the lock about each enrollment that could move: a
+    reason refuses it (bulk approval passes over flagged rows this way).
     """
     locked = lock_enrollments(session, ids)
     now = utcnow()
-    results: dict[int, Transition | str] = {}
+    results: dict[int, Transition] = {}
     for enrollment_id in ids:
         enrollment = locked.get(enrollment_id)
         if enrollment is None:
-            results[enrollment_id] = "does not exist"
+            results[enrollment_id] = Transition(
+                enrollment_id, Outcome.MISSING, None, None, to_state
+            )
             continue
         current = enrollment.state
         if current == to_state:
-            results[enrollment_id] = Transition(enrollment, current, current, None)
+            results[enrollment_id] = Transition(
+                enrollment_id, Outcome.ALREADY_THERE, enrollment, current, to_state
+            )
             continue
         if not can_transition(current, to_state) or (
             only_from is not None and current not in only_from
         ):
-            results[enrollment_id] = f"is {current}; cannot become {to_state}"
+            results[enrollment_id] = Transition(
+                enrollment_id, Outcome.REFUSED, enrollment, current, to_state
+            )
             continue
-        enrollment.state = to_state
-        enrollment.updated_at = now
-        if to_state == S.APPROVED:
-            enrollment.approved_at = now
-        if to_state == S.PENDING_APPROVAL:
-            enrollment.waiting_reason = reason
-        if to_state == S.REJECTED:
-            enrollment.rejection_reason = reason
-        history = EnrollmentHistory(
-            enrollment_id=enrollment.id,
-            from_state=current,
-            to_state=to_state,
+        if refuse_if is not None and (refusal := refuse_if(enrollment)):
+            results[enrollment_id] = Transition(
+                enrollment_id, Outcome.REFUSED, enrollment, current, to_state, refusal=refusal
+            )
+            continue
+        _enter(enrollment, to_state, reason, now)
+        if payment_method is not None:
+            enrollment.payment_method = payment_method
+        history = _history(
+            enrollment,
+            current,
             actor=actor,
             actor_user_id=actor_user_id,
             source=source,
             reason=reason,
             event_id=event_id,
-            created_at=now,
+            at=now,
         )
         session.add(history)
-        results[enrollment_id] = Transition(enrollment, current, to_state, history)
+        results[enrollment_id] = Transition(
+            enrollment_id, Outcome.CHANGED, enrollment, current, to_state, history
+        )
     session.flush()
     return results
 
@@ -132,14 +260,15 @@ def transition_enrollment(
     reason: str | None = None,
     actor_user_id: int | None = None,
     event_id: int | None = None,
-    only_from: frozenset[str] | None = None,
+    only_from: frozenset[State] | None = None,
+    payment_method: PaymentMethod | None = None,
     strict: bool = True,
 ) -> Transition:
     """transition_enrollments() for one enrollment.
 
-    A transition that is not allowed raises InvalidTransition when strict, and changes
-    nothing otherwise: the pipeline uses strict=False so that, say, a FAILURE arriving after
-    an approval leaves the approval alone.
+    A missing enrollment raises NotFound. A transition that is not allowed raises
+    InvalidTransition when strict, and comes back REFUSED otherwise: the pipeline uses
+    strict=False so that, say, a FAILURE arriving after an approval leaves it alone.
     """
     result = transition_enrollments(
         session,
@@ -151,37 +280,10 @@ def transition_enrollment(
         actor_user_id=actor_user_id,
         event_id=event_id,
         only_from=only_from,
+        payment_method=payment_method,
     )[enrollment_id]
-    if isinstance(result, Transition):
-        return result
-    if result == "does not exist":
+    if result.outcome is Outcome.MISSING:
         raise NotFound(f"enrollment {enrollment_id} does not exist")
-    if strict:
-        raise InvalidTransition(f"enrollment {enrollment_id} {result}")
-    enrollment = session.get(Enrollment, enrollment_id)
-    assert enrollment is not None
-    return Transition(enrollment, enrollment.state, enrollment.state, None)
-
-
-def record_creation(
-    session: Session,
-    enrollment: Enrollment,
-    *,
-    actor: str,
-    actor_user_id: int | None,
-    reason: str | None = None,
-) -> EnrollmentHistory:
-    """The first history row of a new enrollment (from nothing to its first state)."""
-    history = EnrollmentHistory(
-        enrollment_id=enrollment.id,
-        from_state=None,
-        to_state=enrollment.state,
-        actor=actor,
-        actor_user_id=actor_user_id,
-        source="checkout",
-        reason=reason,
-        created_at=utcnow(),
-    )
-    session.add(history)
-    session.flush()
-    return history
+    if result.outcome is Outcome.REFUSED and strict:
+        raise InvalidTransition(f"enrollment {enrollment_id} {result.explain()}")
+    return result

@@ -6,7 +6,6 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from config import reset_settings
 from models import db as models_db
 from models.db import driver_url
 from tests.support import (
@@ -27,10 +26,7 @@ def pg_database():
 
 @pytest.fixture
 def settings(pg_database):
-    s = make_settings(pg_database)
-    reset_settings(s)
-    yield s
-    reset_settings(None)
+    return make_settings(pg_database)
 
 
 @pytest.fixture
@@ -43,12 +39,15 @@ def session(pg_database, settings):
     factory = sessionmaker(
         bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
     )
-    saved = (models_db._engine, models_db._factory)
+    # The app's sessions join the test's transaction. configure_database() with the same
+    # settings (create_app, make_celery) keeps this engine.
+    saved = (models_db._engine, models_db._factory, models_db._url, models_db._lock_timeout_ms)
     models_db._engine, models_db._factory = engine, factory
+    models_db._url, models_db._lock_timeout_ms = settings.database_url, settings.db_lock_timeout_ms
     s = factory()
     yield s
     s.close()
-    models_db._engine, models_db._factory = saved
+    models_db._engine, models_db._factory, models_db._url, models_db._lock_timeout_ms = saved
     outer.rollback()
     connection.close()
     engine.dispose()

@@ -19,8 +19,10 @@ from config import Settings
 from models import Course, Enrollment, Payment, State, User
 from models.db import driver_url
 from pipeline.accounts import issue_token
-from pipeline.enrollments import new_reference
-from pipeline.signing import compact_json, sign
+from pipeline.callbacks import callback_body as _callback_body
+from pipeline.checkout import EFT_WAITING_REASON
+from pipeline.payments import new_reference
+from pipeline.signing import signed_callback
 
 TEST_APP_ID = "test-app-id"
 TEST_SECRET = "test-secret-with-'quotes'-and-\\backslash"
@@ -99,24 +101,49 @@ def signed(
     app_id: str = TEST_APP_ID,
     secret: str = TEST_SECRET,
 ) -> tuple[bytes, dict[str, str]]:
-    raw = body if isinstance(body, bytes) else compact_json(body)
-    headers = {
-        "Content-Type": "application/json",
-        "ik-appid": app_id,
-        "ik-sign": sign(secret, path, raw),
-    }
-    return raw, headers
+    return signed_callback(body, path=path, app_id=app_id, secret=secret)
+
+
+def post_callback(target: Any, body: dict[str, Any] | bytes, **sign_kwargs: Any):
+    """POST a signed callback to a Flask test client, or to a base URL over real HTTP."""
+    raw, headers = signed(body, **sign_kwargs)
+    if isinstance(target, str):
+        import requests
+
+        return requests.post(f"{target}/webhooks/ikhokha", data=raw, headers=headers, timeout=10)
+    return target.post("/webhooks/ikhokha", data=raw, headers=headers)
 
 
 def callback_body(payment: Payment, status: str = "SUCCESS", **extra: Any) -> dict[str, Any]:
-    body = {
-        "paylinkID": payment.paylink_id,
-        "status": status,
-        "externalTransactionID": payment.id,
-        "responseCode": "00" if status == "SUCCESS" else "05",
-    }
-    body.update(extra)
-    return body
+    return _callback_body(
+        paylink_id=payment.paylink_id,
+        external_transaction_id=payment.id,
+        status=status,
+        **extra,
+    )
+
+
+class RecordingQueue:
+    """Stands in for the workers' queue in unit tests: records what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any, Any]] = []
+        self.queued: int | None = 0  # what depth() reports
+
+    def stage(self, event_id: int, stage: str = "signature_check") -> bool:
+        self.sent.append(("stage", event_id, stage))
+        return True
+
+    def bulk_job(self, job_id: str) -> bool:
+        self.sent.append(("bulk_job", job_id, None))
+        return True
+
+    def payment_check(self, payment_id: str) -> bool:
+        self.sent.append(("payment_check", payment_id, None))
+        return True
+
+    def depth(self) -> int | None:
+        return self.queued
 
 
 # Row factories ---------------------------------------------------------------------------
@@ -205,10 +232,10 @@ def many_waiting_enrollments(session, n: int, tag: str) -> list[int]:
         _text(
             "INSERT INTO enrollments (user_id, course_id, state, payment_method, waiting_reason, "
             "created_at, updated_at) "
-            "SELECT id, :course, 'pending_approval', 'eft', 'EFT payment', now(), now() "
+            "SELECT id, :course, 'pending_approval', 'eft', :reason, now(), now() "
             "FROM users WHERE email LIKE 'bulk-%-' || :tag || '@example.com' ORDER BY id"
         ),
-        {"tag": tag, "course": course.id},
+        {"tag": tag, "course": course.id, "reason": EFT_WAITING_REASON},
     )
     session.commit()
     return list(

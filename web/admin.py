@@ -7,11 +7,14 @@ from datetime import timedelta
 from flask import Blueprint, jsonify, request
 from sqlalchemy import func, select
 
-from models import DeadLetter, Enrollment, EnrollmentHistory, WebhookEvent, utcnow
-from pipeline import bulk, runner
-from pipeline.enrollments import decide, enrollment_view
-from pipeline.errors import NotFound, canonical_uuid
+from models import Enrollment, EnrollmentHistory, utcnow
+from pipeline import bulk
+from pipeline.dead_letters import list_dead_letters, replay_dead_letter
+from pipeline.decisions import approve_enrollment, needs_individual_review, reject_enrollment
+from pipeline.errors import canonical_uuid
+from pipeline.state_machine import Transition
 from web.auth import current_user, db, require_admin
+from web.extensions import settings, task_queue
 from web.schemas import (
     BulkApproveRequest,
     PageQuery,
@@ -21,7 +24,7 @@ from web.schemas import (
     load_json,
     load_query,
 )
-from workers.tasks import enqueue_bulk_job, enqueue_pipeline
+from web.views import AuditEntryView, dead_letter_view, enrollment_view, job_view
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 
@@ -51,32 +54,33 @@ def queue():
         view = enrollment_view(db(), e, with_history=False)
         view["student_email"] = e.user.email
         view["course_title"] = e.course.title
+        view["flagged"] = needs_individual_review(e)
         items.append(view)
     return jsonify({"items": items, "page": q["page"], "per_page": q["per_page"], "total": total})
 
 
-@bp.post("/enrollments/<int:enrollment_id>/approve")
+@bp.post("/enrollments/<id:enrollment_id>/approve")
 @require_admin
 def approve(enrollment_id: int):
-    return _decide(enrollment_id, approve=True)
+    return _decided(approve_enrollment(db(), settings(), enrollment_id, current_user()))
 
 
-@bp.post("/enrollments/<int:enrollment_id>/reject")
+@bp.post("/enrollments/<id:enrollment_id>/reject")
 @require_admin
 def reject(enrollment_id: int):
-    return _decide(enrollment_id, approve=False, reason=load_json(RejectRequest())["reason"])
+    reason = load_json(RejectRequest())["reason"]
+    return _decided(reject_enrollment(db(), settings(), enrollment_id, current_user(), reason))
 
 
-def _decide(enrollment_id: int, *, approve: bool, reason: str | None = None):
+def _decided(result: Transition):
+    """Commit an admin's decision and answer with the enrollment and whether it changed."""
     session = db()
-    enrollment, changed = decide(
-        session, enrollment_id, current_user(), approve=approve, reason=reason
-    )
     session.commit()
-    view = enrollment_view(session, enrollment)
-    view["changed"] = changed
-    if not changed:
-        view["message"] = f"already {enrollment.state}; nothing changed"
+    assert result.enrollment is not None
+    view = enrollment_view(session, result.enrollment)
+    view["changed"] = result.changed
+    if not result.changed:
+        view["message"] = f"already {result.enrollment.state}; nothing changed"
     return jsonify(view)
 
 
@@ -86,7 +90,7 @@ def bulk_approve():
     data = load_json(BulkApproveRequest())
     session = db()
     key = request.headers.get("Idempotency-Key", "").strip()[:128] or None
-    job, created = bulk.create_job(session, current_user(), data["ids"], key, enqueue_bulk_job)
+    job, created = bulk.create_job(session, current_user(), data["ids"], key, task_queue().bulk_job)
     session.commit()
     return jsonify(
         {
@@ -103,14 +107,10 @@ def bulk_approve():
 def job(job_id: str):
     q = load_query(PageQuery())
     per_page = q["per_page"] if "per_page" in request.args else 1000
-    return jsonify(
-        bulk.job_view(
-            db(),
-            canonical_uuid(job_id),
-            items_limit=per_page,
-            items_offset=(q["page"] - 1) * per_page,
-        )
+    progress = bulk.job_progress(
+        db(), canonical_uuid(job_id), limit=per_page, offset=(q["page"] - 1) * per_page
     )
+    return jsonify(job_view(progress))
 
 
 @bp.get("/audit")
@@ -128,72 +128,27 @@ def audit():
         .offset((q["page"] - 1) * q["per_page"])
         .limit(q["per_page"])
     )
-    return jsonify(
-        {
-            "items": [
-                {
-                    "id": h.id,
-                    "enrollment_id": h.enrollment_id,
-                    "from": h.from_state,
-                    "to": h.to_state,
-                    "actor": h.actor,
-                    "actor_user_id": h.actor_user_id,
-                    "source": h.source,
-                    "reason": h.reason,
-                    "at": h.created_at.isoformat(),
-                }
-                for h in rows
-            ]
-        }
-    )
-
-
-def dead_letter_view(letter: DeadLetter, event: WebhookEvent) -> dict:
-    return {
-        "id": letter.id,
-        "event_id": letter.event_id,
-        "stage": letter.stage,
-        "error_code": letter.error_code,
-        "error": letter.error,
-        "attempts": letter.attempts,
-        "created_at": letter.created_at.isoformat(),
-        "replay_count": letter.replay_count,
-        "replayed_at": letter.replayed_at.isoformat() if letter.replayed_at else None,
-        "open": letter.resolved_at is None,
-        "event": {
-            "state": event.state,
-            "stage": event.stage,
-            "paylink_id": event.paylink_id,
-            "external_transaction_id": event.external_transaction_id,
-            "status": event.callback_status,
-            "deliveries": event.deliveries,
-            "received_at": event.received_at.isoformat(),
-            "outcome": event.outcome,
-        },
-    }
+    return jsonify({"items": AuditEntryView(many=True).dump(rows)})
 
 
 @bp.get("/dead-letters")
 @require_admin
 def dead_letters():
     q = load_query(PageQuery())
-    rows = runner.dead_letters(
+    rows = list_dead_letters(
         db(),
         include_replayed=request.args.get("all") in ("1", "true"),
         limit=q["per_page"],
         offset=(q["page"] - 1) * q["per_page"],
     )
-    return jsonify({"items": [dead_letter_view(dl, ev) for dl, ev in rows]})
+    return jsonify({"items": [dead_letter_view(letter) for letter in rows]})
 
 
-@bp.post("/dead-letters/<int:letter_id>/replay")
+@bp.post("/dead-letters/<id:letter_id>/replay")
 @require_admin
 def replay(letter_id: int):
     data = load_json(ReplayRequest()) if request.get_data() else {"from_stage": None}
     session = db()
-    letter = runner.replay(session, letter_id, enqueue_pipeline, data["from_stage"])
-    event = session.get(WebhookEvent, letter.event_id)
-    if event is None:
-        raise NotFound(f"event {letter.event_id} does not exist")
+    letter = replay_dead_letter(session, letter_id, task_queue().stage, data["from_stage"])
     session.commit()
-    return jsonify(dead_letter_view(letter, event)), 202
+    return jsonify(dead_letter_view(letter)), 202

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from datetime import timedelta
+
+from flask import Blueprint, jsonify
 from sqlalchemy import select
 
 from models import Course, Enrollment, Notification
-from pipeline.enrollments import course_card, enrollment_view, start_checkout
+from pipeline.checkout import start_checkout
 from pipeline.errors import NotFound
-from pipeline.ikhokha import get_gateway
+from pipeline.streams import issue_ticket
 from web.auth import current_user, db, require_user
+from web.extensions import gateway, settings
 from web.schemas import EnrollmentRequest, PageQuery, load_json, load_query
+from web.views import course_card, enrollment_view, notification_view
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -24,16 +28,36 @@ def visible_enrollment(enrollment_id: int) -> Enrollment:
     return enrollment
 
 
+@bp.get("/me")
+@require_user
+def me():
+    """Who the token belongs to: the pages show it, and ask before switching to another."""
+    user = current_user()
+    return jsonify({"id": user.id, "email": user.email, "role": user.role})
+
+
+@bp.post("/stream-tickets")
+@require_user
+def stream_ticket():
+    """A one-use ticket for GET /api/events?ticket= (a browser's EventSource cannot send the
+    Authorization header, and the long-lived token must never stand in a URL)."""
+    ttl = timedelta(seconds=settings().stream_ticket_seconds)
+    ticket = issue_ticket(db(), current_user(), ttl)
+    db().commit()
+    return jsonify(
+        {"ticket": ticket, "expires_in": int(ttl.total_seconds()), "url": settings().events_url}
+    ), 201
+
+
 @bp.post("/enrollments")
 @require_user
 def create_enrollment():
     data = load_json(EnrollmentRequest())
-    settings = current_app.config["SETTINGS"]
     session = db()
     checkout = start_checkout(
         session,
-        settings,
-        get_gateway(settings),
+        settings(),
+        gateway(),
         current_user(),
         data["course_id"],
         data["payment_method"],
@@ -41,8 +65,9 @@ def create_enrollment():
     session.commit()
     view = enrollment_view(session, checkout.enrollment)
     view["paylink_url"] = checkout.payment.paylink_url if checkout.payment else None
-    view["created"] = checkout.created
-    return jsonify(view), 201 if checkout.created else 200
+    view["created"] = checkout.enrollment_created
+    view["new_payment"] = checkout.payment_created
+    return jsonify(view), 201 if checkout.enrollment_created else 200
 
 
 @bp.get("/enrollments")
@@ -57,7 +82,7 @@ def list_my_enrollments():
     return jsonify({"items": [enrollment_view(db(), e, with_history=False) for e in rows]})
 
 
-@bp.get("/enrollments/<int:enrollment_id>")
+@bp.get("/enrollments/<id:enrollment_id>")
 @require_user
 def get_enrollment(enrollment_id: int):
     return jsonify(enrollment_view(db(), visible_enrollment(enrollment_id)))
@@ -83,7 +108,7 @@ def list_courses():
     )
 
 
-@bp.get("/courses/<int:course_id>/enrollment-state")
+@bp.get("/courses/<id:course_id>/enrollment-state")
 def enrollment_state(course_id: int):
     return jsonify(course_card(db(), course_id, current_user()))
 
@@ -104,17 +129,4 @@ def notifications():
         .order_by(Notification.id)
         .limit(query["per_page"])
     )
-    return jsonify(
-        {
-            "items": [
-                {
-                    "id": n.id,
-                    "kind": n.kind,
-                    "enrollment_id": n.enrollment_id,
-                    "at": n.created_at.isoformat(),
-                    **n.payload,
-                }
-                for n in rows
-            ]
-        }
-    )
+    return jsonify({"items": [notification_view(n) for n in rows]})

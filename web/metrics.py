@@ -3,6 +3,7 @@ at scrape time (so they are right whichever process did the work)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,7 +27,26 @@ REQUEST_SECONDS = Histogram(
 
 
 class DatabaseCollector(Collector):
+    """Gauges counted in the database, at most once per CACHE_SECONDS per process: a scrape
+    (or anyone looping /metrics) does not run three full-table counts each time."""
+
+    CACHE_SECONDS = 15.0
+
+    def __init__(self) -> None:
+        self._at = float("-inf")
+        self._families: list[GaugeMetricFamily] = []
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = time.monotonic()
+        if now - self._at > self.CACHE_SECONDS:
+            try:
+                self._families, self._at = self._count(), now
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
+                return  # nothing cached: the next scrape tries again
+        yield from self._families
+
+    @staticmethod
+    def _count() -> list[GaugeMetricFamily]:
         events = GaugeMetricFamily(
             "skillpay_inbox_events", "Inbox events by state", labels=["state"]
         )
@@ -34,30 +54,20 @@ class DatabaseCollector(Collector):
         enrollments = GaugeMetricFamily(
             "skillpay_enrollments", "Enrollments by state", labels=["state"]
         )
-        try:
-            with session_scope() as s:
-                for state, count in s.execute(
-                    select(WebhookEvent.state, func.count()).group_by(WebhookEvent.state)
-                ):
-                    events.add_metric([state], count)
-                dead.add_metric(
-                    [],
-                    s.scalar(
-                        select(func.count())
-                        .select_from(DeadLetter)
-                        .where(DeadLetter.resolved_at.is_(None))
-                    )
-                    or 0,
-                )
-                for state, count in s.execute(
-                    select(Enrollment.state, func.count()).group_by(Enrollment.state)
-                ):
-                    enrollments.add_metric([state], count)
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
-            return
-        yield events
-        yield dead
-        yield enrollments
+        with session_scope() as s:
+            for state, count in s.execute(
+                select(WebhookEvent.state, func.count()).group_by(WebhookEvent.state)
+            ):
+                events.add_metric([state], count)
+            open_letters = s.scalar(
+                select(func.count()).select_from(DeadLetter).where(DeadLetter.resolved_at.is_(None))
+            )
+            dead.add_metric([], open_letters or 0)
+            for state, count in s.execute(
+                select(Enrollment.state, func.count()).group_by(Enrollment.state)
+            ):
+                enrollments.add_metric([state], count)
+        return [events, dead, enrollments]
 
 
 REGISTRY.register(DatabaseCollector())

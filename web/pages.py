@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import structlog
-from flask import Blueprint, current_app, render_template
+from datetime import timedelta
 
-from models import Enrollment, Payment, PaymentMethod, State
-from pipeline.errors import GatewayError, NotFound, canonical_uuid
-from pipeline.ikhokha import get_gateway
-from pipeline.reconcile import feed_status
+from flask import Blueprint, render_template
+
+from models import Payment, State, on_commit
+from pipeline.errors import NotFound, canonical_uuid
+from pipeline.reconcile import claim_status_check, is_waiting
 from web.auth import db
-from workers.tasks import enqueue_pipeline
+from web.extensions import limiter, settings, task_queue
 
-log = structlog.get_logger(__name__)
 bp = Blueprint("pages", __name__)
 
 MESSAGES = {
@@ -39,35 +38,21 @@ def admin_page():
 
 
 @bp.get("/payments/<payment_id>/<any(success, failure, cancel):outcome>")
+@limiter.limit(lambda: settings().return_page_rate_limit)
 def payment_return(payment_id: str, outcome: str):
     """Where iKhokha sends the student back. It shows the enrollment's state and never grants
-    access itself; if the callback has not come yet, it asks iKhokha and feeds the answer into
-    the same idempotent pipeline, so redirect and webhook can race without harm."""
-    settings = current_app.config["SETTINGS"]
+    access itself. If the callback has not come yet, a worker asks iKhokha (at most once per
+    payment per SKILLPAY_STATUS_CHECK_INTERVAL_SECONDS, never on this request's time) and
+    feeds the answer into the same idempotent pipeline; the page refreshes until it settles."""
     session = db()
     payment = session.get(Payment, canonical_uuid(payment_id))
     if payment is None:
         raise NotFound("no such payment")
-    enrollment = session.get(Enrollment, payment.enrollment_id)
-    assert enrollment is not None
-    if (
-        payment.method == PaymentMethod.CARD
-        and payment.paylink_id
-        and enrollment.state in (State.PENDING_PAYMENT, State.PAYMENT_FAILED)
-    ):
-        try:
-            if feed_status(
-                session,
-                settings,
-                get_gateway(settings),
-                payment,
-                enqueue_pipeline,
-                source="return_page",
-            ):
-                session.commit()
-        except GatewayError as exc:
-            # The page still shows the state; the callback or reconciliation will settle it.
-            log.warning("return_page.status_check_failed", kind=exc.kind)
+    enrollment = payment.enrollment
+    interval = timedelta(seconds=settings().status_check_interval_seconds)
+    if is_waiting(payment) and claim_status_check(session, payment.id, interval):
+        on_commit(session, lambda: task_queue().payment_check(payment.id))
+        session.commit()
     return render_template(
         "payment_return.html",
         outcome=outcome,

@@ -11,12 +11,33 @@ from models import PaymentMethod, State
 from pipeline.errors import InvalidRequest
 from pipeline.stages import STAGE_NAMES
 
+# Ids are PostgreSQL bigints: anything larger is refused here, not by the database.
+MAX_ID = 2**63 - 1
+# Ten years: further back than any enrollment, and no overflow in date arithmetic.
+MAX_MINUTES = 10 * 366 * 24 * 60
+
+
+def Id(**kwargs: Any) -> fields.Integer:
+    return fields.Integer(validate=validate.Range(min=1, max=MAX_ID), **kwargs)
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL character."""
+
+    default_error_messages = {"nul": "Must not contain a NUL character."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise self.make_error("nul")
+        return text
+
 
 class EnrollmentRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    course_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    course_id = Id(required=True, strict=True)
     payment_method = fields.String(
         required=True, validate=validate.OneOf([m.value for m in PaymentMethod])
     )
@@ -26,7 +47,7 @@ class RejectRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    reason = fields.String(required=True, validate=validate.Length(min=1, max=1000))
+    reason = Text(required=True, validate=validate.Length(min=1, max=1000))
 
 
 class BulkApproveRequest(Schema):
@@ -34,7 +55,7 @@ class BulkApproveRequest(Schema):
         unknown = RAISE
 
     ids = fields.List(
-        fields.Integer(strict=True, validate=validate.Range(min=1)),
+        Id(strict=True),
         required=True,
         validate=validate.Length(min=1, max=50_000),
     )
@@ -54,11 +75,13 @@ class QueueQuery(Schema):
     status = fields.String(
         load_default=State.PENDING_APPROVAL, validate=validate.OneOf([s.value for s in State])
     )
-    course_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    course_id = Id(load_default=None)
     payment_method = fields.String(
         load_default=None, validate=validate.OneOf([m.value for m in PaymentMethod])
     )
-    older_than_minutes = fields.Integer(load_default=None, validate=validate.Range(min=0))
+    older_than_minutes = fields.Integer(
+        load_default=None, validate=validate.Range(min=0, max=MAX_MINUTES)
+    )
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
 
@@ -69,9 +92,9 @@ class PageQuery(Schema):
 
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
-    admin_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
-    enrollment_id = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_ID))
+    admin_id = Id(load_default=None)
+    enrollment_id = Id(load_default=None)
 
 
 def _first_error(messages: Any) -> str:
@@ -85,7 +108,10 @@ def _first_error(messages: Any) -> str:
 
 
 def load_json(schema: Schema) -> dict[str, Any]:
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = request.get_json(silent=True, force=True)
+    except RecursionError:  # absurdly deep nesting
+        data = None
     if data is None:
         raise InvalidRequest("the body must be valid JSON")
     if not isinstance(data, dict):

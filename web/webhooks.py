@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import structlog
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import session_scope
 from pipeline.errors import SkillpayError
 from pipeline.inbox import receive_callback
 from web import metrics
-from web.errors import error_response
-from workers.tasks import enqueue_pipeline
+from web.extensions import settings, task_queue
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("webhooks", __name__)
@@ -19,31 +18,26 @@ bp = Blueprint("webhooks", __name__)
 
 @bp.post("/webhooks/ikhokha")
 def ikhokha_callback():
-    settings = current_app.config["SETTINGS"]
+    """Errors leave through web.errors like any other: 401 and 400 say why; a database that
+    cannot store the callback is a 503, and iKhokha delivers it again."""
     body = request.get_data(cache=False)  # over the size limit: 413 from Werkzeug
     try:
         with session_scope() as session:
             received = receive_callback(
                 session,
-                settings,
+                settings(),
                 path=request.path,
                 headers=dict(request.headers),
                 body=body,
-                enqueue=enqueue_pipeline,
+                enqueue=task_queue().stage,
             )
     except SkillpayError as exc:
         metrics.WEBHOOKS.labels(outcome=exc.code).inc()
         log.warning("webhook.rejected", code=exc.code, reason=exc.message, bytes=len(body))
-        return error_response(exc.http_status, exc.code, exc.message)
-    except SQLAlchemyError as exc:
-        # Not stored: say so, and iKhokha delivers it again.
+        raise
+    except SQLAlchemyError:
         metrics.WEBHOOKS.labels(outcome="unavailable").inc()
-        log.error("webhook.store_failed", error=type(exc).__name__)
-        response = error_response(
-            503, "unavailable", "The callback could not be stored; retry later."
-        )
-        response.headers["Retry-After"] = "10"
-        return response
+        raise
     metrics.WEBHOOKS.labels(outcome="duplicate" if received.duplicate else "accepted").inc()
     log.info("webhook.received", event_id=received.event_id, duplicate=received.duplicate)
     return jsonify({"event_id": received.event_id, "duplicate": received.duplicate}), 200

@@ -1,16 +1,24 @@
-"""Thin Celery tasks around pipeline/ functions. Messages carry ids, never payloads."""
+"""Thin Celery tasks around pipeline/ functions. Messages carry ids, never payloads.
+
+The tasks are shared: they run in whichever app made them (workers.celery_app.make_celery),
+and reach its settings, gateway and queue through `self.app`.
+"""
 
 from __future__ import annotations
 
-import structlog
-from celery import Task, signals
+from typing import NoReturn
 
-from config import get_settings
+import structlog
+from celery import Task, shared_task, signals
+
+from config import Settings
 from models import session_scope
-from pipeline import runner
+from pipeline import bulk, runner
 from pipeline.errors import describe, is_transient
-from pipeline.stages import STAGE_NAMES
-from workers.app import celery
+from pipeline.expiry import expire_unpaid_enrollments
+from pipeline.reconcile import check_payment, reconcile
+from pipeline.stages import STAGE_NAMES, StageContext
+from pipeline.sweeper import redrive_stalled_events, redrive_stalled_jobs
 
 log = structlog.get_logger(__name__)
 
@@ -23,14 +31,40 @@ def _bind_log_context(task_id: str, task: Task, args: tuple, **_: object) -> Non
         structlog.contextvars.bind_contextvars(event_id=args[0])
 
 
-def run_pipeline_stage(task: Task, stage: str, event_id: int) -> None:
-    settings = get_settings()
-    retries = task.request.retries
-    attempt = retries + 1
+class SkillpayTask(Task):
+    """Every Skillpay task: the app's settings, and one retry policy. Only what may pass by
+    itself is retried (lost connections, lock timeouts, iKhokha 5xx), with exponential backoff
+    and jitter bounded below the broker's visibility timeout, and at most
+    SKILLPAY_PIPELINE_MAX_RETRIES times; the caller decides what the last failure means."""
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings  # type: ignore[attr-defined, no-any-return]
+
+    def may_retry(self, exc: BaseException) -> bool:
+        return is_transient(exc) and self.request.retries < self.settings.pipeline_max_retries
+
+    def retry_later(self, exc: BaseException) -> NoReturn:
+        countdown = runner.backoff_seconds(self.request.retries, self.settings)
+        log.warning(
+            "task.retry",
+            attempt=self.request.retries + 1,
+            countdown=round(countdown, 2),
+            error=type(exc).__name__,
+        )
+        raise self.retry(
+            countdown=countdown, exc=exc, max_retries=self.settings.pipeline_max_retries
+        ) from exc
+
+
+def run_pipeline_stage(task: SkillpayTask, stage: str, event_id: int) -> None:
+    """Run one stage; on failure record the attempt, then retry, or dead-letter the event."""
+    attempt = task.request.retries + 1
+    ctx = StageContext(task.settings, task.app.gateway)  # type: ignore[attr-defined]
     try:
-        following = runner.run_stage(stage, event_id, attempt, settings)
-    except Exception as exc:
-        final = not is_transient(exc) or retries >= settings.pipeline_max_retries
+        following = runner.run_stage(stage, event_id, attempt, ctx)
+    except Exception as exc:  # noqa: BLE001 - recorded, then retried or dead-lettered
+        final = not task.may_retry(exc)
         try:
             runner.record_failure(stage, event_id, attempt, exc, final=final)
         except Exception as record_exc:  # noqa: BLE001 - the sweeper re-drives it later
@@ -42,72 +76,58 @@ def run_pipeline_stage(task: Task, stage: str, event_id: int) -> None:
         if final:
             log.error("pipeline.dead_letter", stage=stage, error=describe(exc)[1])
             return
-        countdown = runner.backoff_seconds(retries, settings)
-        log.warning(
-            "pipeline.retry",
-            stage=stage,
-            attempt=attempt,
-            countdown=round(countdown, 2),
-            error=type(exc).__name__,
-        )
-        raise task.retry(
-            countdown=countdown, exc=exc, max_retries=settings.pipeline_max_retries
-        ) from exc
+        task.retry_later(exc)
     if following is not None:
         # After the stage's commit. If this publish is lost, the sweeper sends it later.
-        enqueue_pipeline(event_id, following)
+        task.app.queue.stage(event_id, following)  # type: ignore[attr-defined]
 
 
-def _make_stage_task(stage: str) -> Task:
-    @celery.task(name=f"skillpay.stage.{stage}", bind=True)
-    def stage_task(self: Task, event_id: int) -> None:
+def _stage_task(stage: str) -> Task:
+    @shared_task(name=f"skillpay.stage.{stage}", base=SkillpayTask, bind=True)
+    def stage_task(self: SkillpayTask, event_id: int) -> None:
         run_pipeline_stage(self, stage, event_id)
 
     return stage_task
 
 
-STAGE_TASKS: dict[str, Task] = {stage: _make_stage_task(stage) for stage in STAGE_NAMES}
+STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in STAGE_NAMES}
 
 
-def enqueue_pipeline(event_id: int, from_stage: str = STAGE_NAMES[0]) -> bool:
-    """Send the event to from_stage; each stage task sends the next after its commit, so the
-    six tasks run as a chain with one small message per hop (a Celery canvas chain would
-    carry the rest of the chain in every message and cost several ms to build per request).
-
-    False if the broker would not take it: the event is stored, and the sweeper sends it later.
-    """
+@shared_task(name="skillpay.bulk_approve", base=SkillpayTask, bind=True)
+def bulk_approve(self: SkillpayTask, job_id: str) -> None:
     try:
-        STAGE_TASKS[from_stage].apply_async((event_id,))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("pipeline.enqueue_failed", event_id=event_id, error=type(exc).__name__)
-        return False
-    return True
+        bulk.run_job(self.settings, job_id)
+    except Exception as exc:
+        if self.may_retry(exc):
+            self.retry_later(exc)
+        raise
 
 
-@celery.task(name="skillpay.sweep_stalled_events")
-def sweep_stalled_events() -> int:
-    settings = get_settings()
+@shared_task(name="skillpay.sweep_stalled_work", base=SkillpayTask, bind=True)
+def sweep_stalled_work(self: SkillpayTask) -> int:
+    """Re-drive events and bulk jobs that made no progress for a while.
+
+    Not while the queue has a backlog: an event whose message is merely waiting in line looks
+    stalled too, and re-driving it would add a duplicate to the line, which makes it longer,
+    which makes more events look stalled. Lost messages are re-driven once the line is short.
+    """
+    queue = self.app.queue  # type: ignore[attr-defined]
+    depth = queue.depth()
+    if depth is not None and depth > self.settings.sweep_max_queue_depth:
+        log.info("pipeline.sweep_deferred", queue_depth=depth)
+        return 0
     with session_scope() as session:
-        ids = runner.sweep(session, settings, enqueue_pipeline)
-    if ids:
-        log.info("pipeline.swept", count=len(ids), event_ids=ids[:20])
-    from pipeline import bulk
+        events = redrive_stalled_events(session, self.settings, queue.stage)
+        jobs = redrive_stalled_jobs(session, self.settings, queue.bulk_job)
+    if events or jobs:
+        log.info("pipeline.swept", events=events[:20], jobs=jobs[:20])
+    return len(events) + len(jobs)
 
+
+@shared_task(name="skillpay.reconcile", base=SkillpayTask, bind=True)
+def reconcile_waiting_payments(self: SkillpayTask) -> int:
     with session_scope() as session:
-        jobs = bulk.stalled_jobs(session, settings.pipeline_stale_after_seconds)
-    for job_id in jobs:
-        enqueue_bulk_job(job_id)
-    return len(ids) + len(jobs)
-
-
-@celery.task(name="skillpay.reconcile")
-def reconcile_waiting_payments() -> int:
-    from pipeline.ikhokha import get_gateway
-    from pipeline.reconcile import reconcile
-
-    settings = get_settings()
-    with session_scope() as session:
-        report = reconcile(session, settings, get_gateway(settings), enqueue_pipeline)
+        report = reconcile(session, self.settings, self.app.gateway, self.app.queue.stage)  # type: ignore[attr-defined]
     if report.fed or report.errors:
         log.info(
             "reconcile.done", checked=report.checked, fed=len(report.fed), errors=report.errors[:5]
@@ -115,34 +135,21 @@ def reconcile_waiting_payments() -> int:
     return len(report.fed)
 
 
-@celery.task(name="skillpay.expire_enrollments")
-def expire_enrollments() -> int:
-    from pipeline.enrollments import expire_stale
+@shared_task(name="skillpay.check_payment", base=SkillpayTask, bind=True)
+def check_payment_status(self: SkillpayTask, payment_id: str) -> None:
+    """Ask iKhokha about one payment a student came back for (sent by the return page)."""
+    try:
+        with session_scope() as session:
+            check_payment(
+                session, self.settings, self.app.gateway, payment_id, self.app.queue.stage
+            )  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - the callback or reconciliation settles it anyway
+        if self.may_retry(exc):
+            self.retry_later(exc)
+        log.warning("check_payment.failed", payment_id=payment_id, error=describe(exc)[1])
 
+
+@shared_task(name="skillpay.expire_enrollments", base=SkillpayTask, bind=True)
+def expire_enrollments(self: SkillpayTask) -> int:
     with session_scope() as session:
-        return expire_stale(session, get_settings())
-
-
-@celery.task(name="skillpay.bulk_approve", bind=True)
-def bulk_approve(self: Task, job_id: str) -> None:
-    from pipeline import bulk
-
-    try:
-        bulk.run_job(job_id)
-    except Exception as exc:
-        if is_transient(exc) and self.request.retries < get_settings().pipeline_max_retries:
-            raise self.retry(
-                countdown=runner.backoff_seconds(self.request.retries, get_settings()),
-                exc=exc,
-                max_retries=get_settings().pipeline_max_retries,
-            ) from exc
-        raise
-
-
-def enqueue_bulk_job(job_id: str) -> bool:
-    try:
-        bulk_approve.apply_async((job_id,))
-    except Exception as exc:  # noqa: BLE001 - the sweeper finds the queued job later
-        log.warning("bulk.enqueue_failed", job_id=job_id, error=type(exc).__name__)
-        return False
-    return True
+        return expire_unpaid_enrollments(session, self.settings)

@@ -29,6 +29,7 @@ from tests.support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = (
+    "stream_tickets",
     "bulk_job_items",
     "bulk_jobs",
     "notifications",
@@ -74,12 +75,30 @@ def db(engine):
     """A session on the live database; every table is emptied after the test."""
     with Session(engine, expire_on_commit=False) as s:
         yield s
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    empty_tables(engine)
+
+
+def empty_tables(engine) -> None:
+    """TRUNCATE takes an exclusive lock on each table in turn while the worker (beat's sweeps,
+    a last notification) may still be reading them in another order; PostgreSQL then breaks
+    the deadlock by failing one side. Cleanup takes that answer and tries again."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(10):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            return
+        except OperationalError:
+            if attempt == 9:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @pytest.fixture(scope="session")
-def process_env(live_database, redis_client, tmp_path_factory):
+def base_env(live_database, redis_client, tmp_path_factory):
+    """Everything but the broker: for tests that bring a broker of their own."""
     env = dict(os.environ)
     env.update(
         {
@@ -90,6 +109,12 @@ def process_env(live_database, redis_client, tmp_path_factory):
             "IKHOKHA_APP_ID": TEST_APP_ID,
             "IKHOKHA_APP_SECRET": TEST_SECRET,
             "SIMULATOR_PORT": str(sim_port := free_port()),
+            "STREAM_PORT": str(stream_port := free_port()),
+            "SKILLPAY_STREAM_URL": f"http://127.0.0.1:{stream_port}/api/events",
+            "SKILLPAY_STREAM_HEARTBEAT_SECONDS": "1",
+            # Every test comes from 127.0.0.1, and schemathesis alone loads return pages
+            # dozens of times a minute; the limit itself is tested in tests/unit/test_web.py.
+            "SKILLPAY_RETURN_PAGE_RATE_LIMIT": "1000/minute",
             "IKHOKHA_API_URL": f"http://127.0.0.1:{sim_port}",
             "SIMULATOR_PUBLIC_URL": f"http://127.0.0.1:{sim_port}",
             "SKILLPAY_PIPELINE_MAX_RETRIES": "3",
@@ -104,6 +129,29 @@ def process_env(live_database, redis_client, tmp_path_factory):
         }
     )
     return env
+
+
+RABBITMQ_URL = os.environ.get("SKILLPAY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(scope="session", params=["redis", "rabbitmq"])
+def process_env(request, base_env):
+    """The processes' environment, once with Redis and once with RabbitMQ as the broker:
+    every integration test that runs a worker or the web app runs on both (each run has a
+    queue of its own, so runs cannot meet)."""
+    if request.param == "redis":
+        yield base_env
+        return
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        unavailable("RabbitMQ", exc)
+    yield dict(base_env, CELERY_BROKER_URL=RABBITMQ_URL)
+    with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+        conn.default_channel.queue_delete(base_env["SKILLPAY_CELERY_QUEUE"])
 
 
 class Process:
@@ -242,6 +290,10 @@ def start_web(env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
         "-m",
         "gunicorn",
         "web.wsgi:app",
+        "-c",
+        "python:web.gunicorn_conf",
+        "--access-logfile",
+        "-",
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",
@@ -257,4 +309,39 @@ def web(process_env, simulator, tmp_path_factory):
     """The web app, as its own process; yields its base URL."""
     server, base = start_web(process_env, tmp_path_factory.mktemp("web"))
     yield base
+    server.stop()
+
+
+def start_stream(env: dict[str, str], log_dir: Path, public_base_url: str) -> Process:
+    """The live-stream process (gunicorn's aiohttp worker) on STREAM_PORT."""
+    port = env["STREAM_PORT"]
+    return serve(
+        "stream",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "web.stream:serve",
+            "-c",
+            "python:web.gunicorn_conf",
+            "--worker-class",
+            "aiohttp.GunicornWebWorker",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--access-logfile",
+            "-",
+        ],
+        dict(env, PUBLIC_BASE_URL=public_base_url),
+        log_dir,
+        f"http://127.0.0.1:{port}",
+    )
+
+
+@pytest.fixture(scope="session")
+def stream(process_env, web, tmp_path_factory):
+    """The live stream, as its own process; yields its events URL."""
+    server = start_stream(process_env, tmp_path_factory.mktemp("stream"), web)
+    yield process_env["SKILLPAY_STREAM_URL"]
     server.stop()

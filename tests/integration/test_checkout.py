@@ -6,7 +6,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from models import EnrollmentHistory, Payment
+from models import EnrollmentHistory, Payment, WebhookEvent
 from tests.support import make_course, make_user, wait_for
 
 pytestmark = pytest.mark.integration
@@ -125,12 +125,27 @@ def test_declined_card_then_retry_payment(web, simulator, worker, db, student):
         retry["paylink_url"], data={"choice": "succeed"}, allow_redirects=False, timeout=10
     )
     wait_for(lambda: state(web, auth, first["id"])["state"] == "approved")
-    # A late failure of the first link does not touch the paid second one.
-    requests.post(
-        f"{simulator}/_sim/links/{first['paylink_url'].rsplit('/', 1)[1]}/deliver",
-        json={"status": "FAILURE"},
-        timeout=10,
-    )
+    assert retry["created"] is False and retry["new_payment"] is True
+    # A FAILURE for the paid link, delivered after its SUCCESS (out of order), is processed
+    # to the end and leaves the approval alone.
+    second_link = retry["paylink_url"].rsplit("/", 1)[1]
+    delivered = requests.post(
+        f"{simulator}/_sim/links/{second_link}/deliver", json={"status": "FAILURE"}, timeout=10
+    ).json()["deliveries"]
+    assert delivered[-1] == {"status": "FAILURE", "http_status": 200}
+
+    def late_failure() -> WebhookEvent | None:
+        db.expire_all()
+        return db.scalar(
+            select(WebhookEvent).where(
+                WebhookEvent.paylink_id == second_link,
+                WebhookEvent.callback_status == "FAILURE",
+                WebhookEvent.state == "completed",
+            )
+        )
+
+    event = wait_for(late_failure)
+    assert event.outcome == "no change: enrollment is approved"
     assert state(web, auth, first["id"])["state"] == "approved"
     assert len(db.scalars(select(Payment).where(Payment.enrollment_id == first["id"])).all()) == 2
 

@@ -121,14 +121,14 @@ def replay_dead_letters(stack) -> None:
 
 
 @pytest.fixture
-def own_stack(tmp_path, process_env):
-    """PostgreSQL, Redis, web and a worker of this test's own."""
+def own_stack(tmp_path, base_env):
+    """PostgreSQL, Redis (as broker and for pushes), web and a worker of this test's own."""
     pg = OwnPostgres().init()
     rd = OwnRedis(tmp_path).start()
     from migrations import upgrade
 
     upgrade(pg.url)
-    env = dict(process_env, DATABASE_URL=pg.url, CELERY_BROKER_URL=rd.url, REDIS_URL=rd.url)
+    env = dict(base_env, DATABASE_URL=pg.url, CELERY_BROKER_URL=rd.url, REDIS_URL=rd.url)
     web, base = start_web(env, tmp_path)
     engine = create_engine(driver_url(pg.url), pool_pre_ping=True)
     stack = {

@@ -1,73 +1,74 @@
-"""The student's course page in a real browser (headless Chromium) against the running app."""
+"""The student's and the admin's pages in a real browser: Debian's Chromium, driven by
+Playwright (no browser download), against the running app, worker and simulator."""
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
+from pathlib import Path
 
 import pytest
 import requests
+from playwright.sync_api import expect
 
-from tests.support import make_course, make_user, unavailable, wait_for
+from models import State
+from pipeline.checkout import EFT_WAITING_REASON
+from tests.support import make_course, make_enrollment, make_user, unavailable, wait_for
 
 pytestmark = pytest.mark.integration
+ROOT_DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    unavailable(
-        "Chromium", FileNotFoundError("no chromium on PATH (make test installs it with apt)")
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    # Our pages run no eval: Playwright's string waits would be blocked by the CSP, so the
+    # tests wait with locators instead.
+    path = next(
+        (p for n in ("chromium", "chromium-browser") if (p := shutil.which(n))),
+        None,
     )
-    raise AssertionError("unreachable")
+    if path is None:
+        unavailable("Chromium", FileNotFoundError("no chromium on PATH (make test installs it)"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
-def render(url: str, profile) -> str:
-    result = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "console",
+        lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    yield page
+    context.close()
+    assert errors == []  # no script error, and nothing the CSP had to block
 
 
-def buttons(dom: str) -> dict[str, list[tuple[str, bool]]]:
-    """Course title -> [(button text, disabled)] as the page rendered them."""
-    cards = {}
-    for card in dom.split('<div class="card" data-course-id=')[1:]:
-        title = re.search(r"<h3>(.*?)</h3>", card).group(1)
-        cards[title] = [
-            (text, "disabled" in attrs)
-            for attrs, text in re.findall(r"<button([^>]*)>(.*?)</button>", card)
-        ]
-    return cards
+def buttons(page, title: str) -> list[tuple[str, bool]]:
+    card = page.locator(".card", has=page.locator("h3", has_text=title))
+    return [(b.inner_text(), b.is_disabled()) for b in card.locator("button").all()]
 
 
-def messages(dom: str) -> list[str]:
-    return re.findall(r'<p class="muted message">(.*?)</p>', dom)
-
-
-def test_course_cards_show_the_right_button_for_each_state(web, simulator, worker, db, tmp_path):
+def test_course_cards_show_the_right_button_for_each_state(web, simulator, worker, db, page):
     paid, waiting, unpaid, untouched = (make_course(db) for _ in range(4))
-    _, token = make_user(db)
+    student, token = make_user(db)
     db.commit()
     auth = {"Authorization": f"Bearer {token}"}
 
@@ -94,13 +95,130 @@ def test_course_cards_show_the_right_button_for_each_state(web, simulator, worke
     enroll(waiting, "eft")
     enroll(unpaid, "card")
 
-    dom = render(f"{web}/#token={token}", tmp_path / "student")
-    cards = buttons(dom)
-    assert cards[paid.title] == [("Continue Course", False)]
-    assert cards[waiting.title] == [("Pending Approval", True)]
-    assert cards[unpaid.title] == [("Complete Payment", False)]
-    assert cards[untouched.title] == [("Enroll Now (card)", False), ("Enroll with EFT", False)]
-    assert [m for m in messages(dom) if "bank transfer with reference SP-" in m]
+    page.goto(f"{web}/")
+    page.wait_for_selector(f"h3:text('{paid.title}')")
+    assert buttons(page, paid.title) == [("Register To Enroll", False)]
+    # A sign-in link says whose account it is and waits for a click; the token leaves the URL.
+    page.goto(f"{web}/#token={token}")
+    page.wait_for_selector("#link-signin:not([hidden])")
+    assert student.email in page.inner_text("#link-signin-text")
+    assert "#token" not in page.url
+    page.click("#link-signin-accept")
+    expect(page.locator("#who")).to_contain_text(f"Signed in as {student.email}")
+    expect(page.get_by_role("button", name="Continue Course")).to_be_visible()
+    assert buttons(page, paid.title) == [("Continue Course", False)]
+    assert buttons(page, waiting.title) == [("Pending Approval", True)]
+    assert buttons(page, unpaid.title) == [("Complete Payment", False)]
+    assert buttons(page, untouched.title) == [
+        ("Enroll Now (card)", False),
+        ("Enroll with EFT", False),
+    ]
+    assert "bank transfer with reference SP-" in page.inner_text("body")
 
-    anonymous = buttons(render(f"{web}/", tmp_path / "anonymous"))
-    assert anonymous[paid.title] == [("Register To Enroll", False)]
+
+def test_a_link_for_another_account_asks_before_switching(web, db, page):
+    me, mine = make_user(db)
+    them, theirs = make_user(db)
+    db.commit()
+    page.goto(f"{web}/")
+    page.fill("#token", mine)
+    page.click("#save-token")
+    expect(page.locator("#who")).to_contain_text(me.email)
+    page.goto(f"{web}/#token={theirs}")
+    page.wait_for_selector("#link-signin:not([hidden])")
+    text = page.inner_text("#link-signin-text")
+    assert them.email in text and me.email in text and "switch" in text
+    page.click("#link-signin-ignore")
+    page.reload()
+    expect(page.locator("#who")).to_contain_text(me.email)
+
+
+def test_bulk_approval_confirms_count_and_total_and_leaves_flagged_rows(web, worker, db, page):
+    _, admin_token = make_user(db, role="admin")
+    course = make_course(db, price_cents=10000)
+    plain = [
+        make_enrollment(db, method="eft", state=State.PENDING_APPROVAL, course=course)[0]
+        for _ in range(2)
+    ]
+    for enrollment in plain:
+        enrollment.waiting_reason = EFT_WAITING_REASON
+    flagged, _ = make_enrollment(db, method="card", state=State.PENDING_APPROVAL, course=course)
+    flagged.waiting_reason = "amount 1 cents, expected 10000"
+    db.commit()
+    page.goto(f"{web}/admin")
+    page.fill("#token", admin_token)
+    page.click("#save-token")
+    page.wait_for_selector("tr.flagged")
+    asked: list[str] = []
+
+    def answer(dialog):
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", answer)
+    page.click("#approve-all")
+    wait_for(lambda: "done" in page.inner_text("#job"), timeout=30)
+    assert asked == ["Approve 2 enrollment(s), R 200.00 in total? Check the bank statement first."]
+    db.expire_all()
+    assert [e.state for e in plain] == ["approved", "approved"]
+    assert db.get(type(flagged), flagged.id).state == "pending_approval"
+
+
+def test_the_whole_story_updates_both_pages_live(
+    web, simulator, worker, stream, db, browser, tmp_path
+):
+    """A student pays by card on the simulator's page and comes back to "Continue Course"; an
+    admin sees an EFT enrollment arrive in the queue and leave it on approval. Neither page
+    is reloaded: both are live on the stream."""
+    import os
+    import re
+    import shutil as sh
+
+    course, eft_course = make_course(db), make_course(db, price_cents=49900)
+    _, token = make_user(db)
+    _, eft_token = make_user(db)
+    _, admin = make_user(db, role="admin")
+    db.commit()
+
+    def signed_in(url: str, secret: str):
+        context = browser.new_context(viewport={"width": 1100, "height": 760})
+        page = context.new_page()
+        page.goto(url)
+        page.fill("#token", secret)
+        page.click("#save-token")
+        expect(page.locator("#live")).to_have_text("Live")
+        return context, page
+
+    admin_context, admin_page = signed_in(f"{web}/admin", admin)
+    student_context, student_page = signed_in(f"{web}/", token)
+    try:
+        card = student_page.locator(".card", has=student_page.locator("h3", has_text=course.title))
+        card.get_by_role("button", name="Enroll Now (card)").click()
+        student_page.wait_for_url(re.compile(r"/pay/"))
+        student_page.get_by_role("button", name="Card succeeds").click()
+        student_page.wait_for_url(re.compile(r"/payments/.+/success"))
+        student_page.get_by_role("link", name="Back to courses").click()
+        expect(card.get_by_role("button", name="Continue Course")).to_be_visible(timeout=20_000)
+
+        # An EFT enrollment arrives in the admin's open queue, with no reload.
+        enrolled = requests.post(
+            f"{web}/api/enrollments",
+            json={"course_id": eft_course.id, "payment_method": "eft"},
+            headers={"Authorization": f"Bearer {eft_token}"},
+            timeout=10,
+        ).json()
+        row = admin_page.locator("tr", has=admin_page.get_by_text(enrolled["payment"]["reference"]))
+        expect(row).to_be_visible(timeout=10_000)
+        expect(admin_page.locator("#live")).to_have_text("Live")
+        shots = {"student": tmp_path / "student.png", "admin": tmp_path / "admin.png"}
+        admin_page.screenshot(path=shots["admin"], full_page=True)
+        student_page.screenshot(path=shots["student"], full_page=True)
+        row.get_by_role("button", name="Approve").click()
+        expect(row).to_have_count(0, timeout=10_000)
+        assert all(path.stat().st_size > 10_000 for path in shots.values())
+        if os.environ.get("SKILLPAY_UPDATE_SCREENSHOTS"):
+            for name, path in shots.items():
+                sh.copy(path, ROOT_DOCS / f"live-{name}.png")
+    finally:
+        admin_context.close()
+        student_context.close()

@@ -11,15 +11,17 @@ import requests
 from sqlalchemy import func, select
 
 from models import DeadLetter, EnrollmentHistory, Payment, WebhookEvent
-from pipeline.enrollments import new_reference
-from tests.support import callback_body, make_course, make_enrollment, make_user, signed, wait_for
+from pipeline.payments import new_reference
+from tests.support import (
+    callback_body,
+    make_course,
+    make_enrollment,
+    make_user,
+    post_callback,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def post_callback(web, body, **kwargs):
-    raw, headers = signed(body, **kwargs)
-    return requests.post(f"{web}/webhooks/ikhokha", data=raw, headers=headers, timeout=10)
 
 
 def get_enrollment(web, token, enrollment_id):
@@ -219,7 +221,18 @@ def test_change_is_pushed_live_to_the_student_and_admins(web, worker, db, redis_
     assert [n["kind"] for n in caught_up["items"]] == ["enrollment.approved"]
 
 
-def test_readiness_checks_the_database_and_the_broker(web):
+def test_readiness_checks_the_database_the_broker_and_redis(web):
     response = requests.get(f"{web}/readyz", timeout=10)
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "redis": "ok"},
+    }
+
+
+def test_the_queue_reports_its_depth_on_the_real_broker(process_env, worker):
+    from config import Settings
+    from workers.celery_app import make_celery
+
+    queue = make_celery(Settings.from_env(process_env)).queue
+    assert isinstance(queue.depth(), int)

@@ -56,3 +56,37 @@ def test_the_web_app_refuses_to_start_on_an_unsafe_production_configuration(tmp_
     )
     assert result.returncode != 0
     assert "refusing to start (production)" in result.stderr
+
+
+def test_demo_and_callback_refuse_to_run_in_production(tmp_path):
+    env = {
+        "APP_ENV": "production",
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",
+        "IKHOKHA_APP_SECRET": "a-real-secret",
+    }
+    demo = run(["demo"], tmp_path, **env)
+    assert demo.returncode == 1 and "refuses to run in production" in demo.stderr
+    callback = run(["callback", "--payment-id", "x"], tmp_path, **env)
+    assert callback.returncode == 1 and "refuses to run in production" in callback.stderr
+    assert demo.stdout == callback.stdout == ""
+
+
+def test_tokens_expire_and_are_revoked_from_standard_input(tmp_path):
+    assert run(["db", "upgrade"], tmp_path).returncode == 0
+    first = run(["users", "create", "--email", "b@example.com"], tmp_path).stdout.strip()
+    second = run(["users", "token", "--email", "b@example.com", "--expires-in", "12h"], tmp_path)
+    assert second.returncode == 0 and second.stdout.startswith("sp_")
+    bad = run(["users", "token", "--email", "b@example.com", "--expires-in", "soon"], tmp_path)
+    assert bad.returncode == 1 and "not a duration" in bad.stderr
+    full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+    full.update(SKILLPAY_VAR_DIR=str(tmp_path), APP_ENV="development")
+    revoke = subprocess.run(
+        [SKILLPAY, "users", "revoke-token", "--email", "b@example.com", "--token-stdin"],
+        input=first + "\n",
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoke.returncode == 0 and "revoked 1" in revoke.stderr
+    assert first not in revoke.stderr + revoke.stdout

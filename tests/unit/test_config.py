@@ -7,7 +7,7 @@ from config.settings import DEV_APP_SECRET, ConfigError, Settings
 
 def test_development_needs_no_servers(tmp_path, monkeypatch):
     monkeypatch.setenv("SKILLPAY_VAR_DIR", str(tmp_path))
-    s = Settings.from_env({})
+    s = Settings.from_env({"APP_ENV": "development"})
     assert s.database_url.startswith("sqlite:///")
     assert s.celery_broker_url.startswith("sqla+sqlite:///")
     assert s.ikhokha_api_url == "http://127.0.0.1:8010"
@@ -17,6 +17,7 @@ def test_development_needs_no_servers(tmp_path, monkeypatch):
 def test_urls_from_the_environment_are_used():
     s = Settings.from_env(
         {
+            "APP_ENV": "test",
             "DATABASE_URL": "postgresql://db/x",
             "CELERY_BROKER_URL": "redis://r/0",
             "PORT": "9000",
@@ -61,6 +62,7 @@ def test_production_with_safe_configuration_starts():
             "IKHOKHA_APP_ID": "real-id",
             "IKHOKHA_APP_SECRET": "a-real-secret-from-the-dashboard",
             "PUBLIC_BASE_URL": "https://pay.example.com",
+            "FLOWER_BASIC_AUTH": "ops:a-long-password",
         }
     )
     assert s.problems() == []
@@ -72,9 +74,62 @@ def test_bad_values_are_clear_errors():
     with pytest.raises(ConfigError, match="APP_ENV"):
         Settings.from_env({"APP_ENV": "staging"})
     with pytest.raises(ConfigError, match="SKILLPAY_PIPELINE_MAX_RETRIES"):
-        Settings.from_env({"SKILLPAY_PIPELINE_MAX_RETRIES": "many"})
+        Settings.from_env({"APP_ENV": "test", "SKILLPAY_PIPELINE_MAX_RETRIES": "many"})
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_a_deployment_that_forgets_app_env_refuses_to_start(value):
+    """Unset, APP_ENV used to mean development: the placeholder secret, no status check,
+    no production checks. Anyone could then sign a SUCCESS for their own enrollment."""
+    env = {"IKHOKHA_APP_SECRET": DEV_APP_SECRET} | ({} if value is None else {"APP_ENV": value})
+    with pytest.raises(ConfigError, match="APP_ENV is not set"):
+        Settings.from_env(env)
+
+
+SAFE_PRODUCTION = {
+    "APP_ENV": "production",
+    "DATABASE_URL": "postgresql://db/x",
+    "CELERY_BROKER_URL": "redis://r/0",
+    "IKHOKHA_APP_ID": "real-id",
+    "IKHOKHA_APP_SECRET": "a-real-secret-from-the-dashboard",
+    "PUBLIC_BASE_URL": "https://pay.example.com",
+    "FLOWER_BASIC_AUTH": "ops:a-long-password",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"IKHOKHA_MODE": "test"}, "IKHOKHA_MODE"),
+        ({"FLOWER_BASIC_AUTH": ""}, "FLOWER_BASIC_AUTH"),
+        ({"IKHOKHA_GATEWAY": "memory"}, "IKHOKHA_GATEWAY"),
+        ({"IKHOKHA_CONFIRM_WITH_STATUS": "off"}, "IKHOKHA_CONFIRM_WITH_STATUS"),
+    ],
+)
+def test_production_refuses_test_modes_and_an_open_flower(change, named):
+    assert Settings.from_env(SAFE_PRODUCTION).problems() == []
+    problems = Settings.from_env(SAFE_PRODUCTION | change).problems()
+    assert len(problems) == 1 and named in problems[0]
+
+
+def test_flower_provider_counts_as_authentication_and_secrets_stay_out_of_repr():
+    s = Settings.from_env(
+        SAFE_PRODUCTION
+        | {"FLOWER_BASIC_AUTH": "", "FLOWER_AUTH_PROVIDER": "flower.views.auth.GithubLoginHandler"}
+    )
+    assert s.problems() == []
+    with_token = Settings.from_env(SAFE_PRODUCTION | {"SKILLPAY_METRICS_TOKEN": "m-token"})
+    assert "a-long-password" not in repr(with_token) and "m-token" not in repr(with_token)
 
 
 def test_webhook_path_follows_public_base_url_prefix():
     s = Settings(public_base_url="https://example.com/skillpay")
     assert s.webhook_path == "/skillpay/webhooks/ikhokha"
+
+
+def test_the_placeholder_secret_stays_on_loopback_outside_explicit_development():
+    public = {"APP_ENV": "test", "PUBLIC_BASE_URL": "https://pay.example.com"}
+    assert "loopback" in " ".join(Settings.from_env(public).problems())
+    assert Settings.from_env(public | {"IKHOKHA_APP_SECRET": "own-secret"}).problems() == []
+    assert Settings.from_env({"APP_ENV": "test"}).problems() == []  # 127.0.0.1
+    assert Settings.from_env(public | {"APP_ENV": "development"}).problems() == []

@@ -44,6 +44,27 @@ def test_escape_is_addslashes():
             '{"paylinkID":"PL1","status":"SUCCESS","description":"Café"}'.encode(),
             "9ab8a5a5d99785ec7dbd0f6a1299c417b5f56a81ec4fed6d6da08fbad5aa6fb1",
         ),
+        (
+            # A path prefix, a JSON-escaped quote in the body, and a quote in the secret.
+            'k3y-with-"quote"',
+            "/skillpay/webhooks/ikhokha",
+            rb'{"paylinkID":"PL-7","status":"SUCCESS","text":"He said \"paid\""}',
+            "29ba4e376c674d1d5c10c06dd8095a9d9ca35a0e3a6b350ae5a38cbbe3c67977",
+        ),
+        (
+            # A percent-escaped id in the path is signed as sent, not decoded.
+            "secret",
+            "/public-api/v1/api/getStatus/PL%2F1",
+            b"",
+            "ef0c2a7e590d2c6133eb23e7820d8bc249a4a69e338c5c04337dff84aacf37e1",
+        ),
+        (
+            # A \u escape stays as text; the four backslashes are signed as eight.
+            "test-secret",
+            "/webhooks/ikhokha",
+            rb'{"externalTransactionID":"0b8c","status":"FAILURE","note":"\u00e9 \\\\ back"}',
+            "2a6d3d2f188e85edbd3c03230c8f0b310926970d8895436b0b0d0b0f38d586e0",
+        ),
     ],
 )
 def test_sign_matches_hand_worked_vectors(secret, path, body, expected):

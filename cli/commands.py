@@ -8,33 +8,51 @@ from __future__ import annotations
 import json
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 from sqlalchemy import select
 
-from config import ConfigError, get_settings
+from config import ConfigError, Settings, get_settings
+from config.logging import configure_logging
+from models import configure_database
+
+if TYPE_CHECKING:
+    from workers.celery_app import SkillpayCelery
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
 
-@click.group()
-def main() -> None:
-    """Skillpay: iKhokha payments to course enrollments."""
-    from config.logging import configure_logging
+def _celery(settings: Settings) -> SkillpayCelery:
+    """A Celery app made from the same settings: the workers' queue and the gateway."""
+    from workers.celery_app import make_celery
 
+    return make_celery(settings)
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Skillpay: iKhokha payments to course enrollments."""
     try:
-        configure_logging(get_settings())
+        settings = get_settings()
     except ConfigError as exc:
         _fail(str(exc))
+    configure_logging(settings)
+    configure_database(settings.database_url, settings.db_lock_timeout_ms)
+    ctx.obj = settings
 
 
 @main.command("validate-config")
-def validate_config() -> None:
+@pass_settings
+def validate_config(settings: Settings) -> None:
     """Check the configuration; exit 1 and say why if it is unsafe."""
-    settings = get_settings()
     problems = settings.problems()
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
@@ -50,11 +68,12 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head")
-def db_upgrade(revision: str) -> None:
+@pass_settings
+def db_upgrade(settings: Settings, revision: str) -> None:
     """Apply the migrations up to REVISION (default: the latest)."""
     from migrations import upgrade
 
-    upgrade(get_settings().database_url, revision)
+    upgrade(settings.database_url, revision)
     click.echo("database schema is up to date", err=True)
 
 
@@ -63,20 +82,40 @@ def users() -> None:
     """Students and admins."""
 
 
+def _expiry(text: str) -> timedelta | None:
+    from pipeline.accounts import parse_duration
+    from pipeline.errors import SkillpayError
+
+    try:
+        return parse_duration(text)
+    except SkillpayError as exc:
+        _fail(exc.message)
+
+
+expires_in_option = click.option(
+    "--expires-in",
+    default="30d",
+    show_default=True,
+    help="How long the token is valid: 30d, 12h, 90m, or never.",
+)
+
+
 @users.command("create")
 @click.option("--email", required=True)
 @click.option(
     "--role", type=click.Choice(["student", "admin"]), default="student", show_default=True
 )
-def users_create(email: str, role: str) -> None:
+@expires_in_option
+def users_create(email: str, role: str, expires_in: str) -> None:
     """Create a user and print their new API token."""
     from models import session_scope
     from pipeline.accounts import create_user, issue_token
     from pipeline.errors import SkillpayError
 
+    lifetime = _expiry(expires_in)
     try:
         with session_scope() as session:
-            token = issue_token(session, create_user(session, email, role))
+            token = issue_token(session, create_user(session, email, role), lifetime)
     except SkillpayError as exc:
         _fail(exc.message)
     click.echo(token)
@@ -84,28 +123,40 @@ def users_create(email: str, role: str) -> None:
 
 @users.command("token")
 @click.option("--email", required=True)
-def users_token(email: str) -> None:
+@expires_in_option
+def users_token(email: str, expires_in: str) -> None:
     """Issue another token for an existing user and print it."""
     from models import User, session_scope
     from pipeline.accounts import issue_token
 
+    lifetime = _expiry(expires_in)
     with session_scope() as session:
         user = session.scalar(select(User).where(User.email == email.strip().lower()))
         if user is None:
             _fail(f"no user with email {email}")
-        token = issue_token(session, user)
+        token = issue_token(session, user, lifetime)
     click.echo(token)
 
 
 @users.command("revoke-token")
 @click.option("--email", required=True)
-@click.option("--token", default=None, help="Revoke only this token (default: all of the user's).")
-def users_revoke(email: str, token: str | None) -> None:
-    """Revoke a user's tokens."""
+@click.option(
+    "--token-stdin",
+    is_flag=True,
+    help="Revoke only the token read from standard input (default: all of the user's).",
+)
+def users_revoke(email: str, token_stdin: bool) -> None:
+    """Revoke a user's tokens. The token to revoke is read from standard input, so that it
+    never appears in a command line, a process list or a shell history."""
     from models import session_scope
     from pipeline.accounts import revoke_tokens
     from pipeline.errors import SkillpayError
 
+    token = None
+    if token_stdin:
+        token = click.get_text_stream("stdin").readline().strip()
+        if not token:
+            _fail("--token-stdin: no token on standard input")
     try:
         with session_scope() as session:
             count = revoke_tokens(session, email, token)
@@ -141,11 +192,19 @@ DEMO_COURSES = [
 ]
 
 
+def _not_in_production(settings: Settings, what: str) -> None:
+    if settings.production:
+        _fail(f"{what} is for development and tests; it refuses to run in production")
+
+
 @main.command("demo")
-def demo() -> None:
+@pass_settings
+def demo(settings: Settings) -> None:
     """Seed demo courses, a student and an admin; print their tokens as JSON."""
     from models import Course, User, session_scope
     from pipeline.accounts import create_user, issue_token
+
+    _not_in_production(settings, "skillpay demo")
 
     with session_scope() as session:
         for title, price in DEMO_COURSES:
@@ -156,7 +215,7 @@ def demo() -> None:
             user = session.scalar(select(User).where(User.email == email)) or create_user(
                 session, email, role
             )
-            tokens[role] = issue_token(session, user)
+            tokens[role] = issue_token(session, user, timedelta(days=7))
     click.echo(json.dumps({"student_token": tokens["student"], "admin_token": tokens["admin"]}))
     click.echo("demo data ready: 3 courses, student@example.com, admin@example.com", err=True)
 
@@ -171,16 +230,17 @@ def dlq() -> None:
 def dlq_list(show_all: bool) -> None:
     """List dead letters, newest first."""
     from models import session_scope
-    from pipeline.runner import dead_letters
+    from pipeline.dead_letters import list_dead_letters
 
     with session_scope() as session:
-        rows = dead_letters(session, include_replayed=show_all)
+        letters = list_dead_letters(session, include_replayed=show_all)
         click.echo(
             f"{'id':>6} {'event':>7} {'stage':<24} {'status':<8} {'replays':>7}  error", err=True
         )
-        for letter, event in rows:
+        for letter in letters:
             click.echo(
-                f"{letter.id:>6} {event.id:>7} {letter.stage:<24} {event.callback_status or '':<8} "
+                f"{letter.id:>6} {letter.event_id:>7} {letter.stage:<24} "
+                f"{letter.event.callback_status or '':<8} "
                 f"{letter.replay_count:>7}  {letter.error_code}: {letter.error[:120]}"
             )
 
@@ -190,16 +250,17 @@ def dlq_list(show_all: bool) -> None:
 @click.option(
     "--from-stage", default=None, help="Start again from this stage (default: the failed one)."
 )
-def dlq_replay(letter_id: int, from_stage: str | None) -> None:
+@pass_settings
+def dlq_replay(settings: Settings, letter_id: int, from_stage: str | None) -> None:
     """Send a dead event back into the pipeline."""
     from models import session_scope
+    from pipeline.dead_letters import replay_dead_letter
     from pipeline.errors import SkillpayError
-    from pipeline.runner import replay
-    from workers.tasks import enqueue_pipeline
 
+    queue = _celery(settings).queue
     try:
         with session_scope() as session:
-            letter = replay(session, letter_id, enqueue_pipeline, from_stage)
+            letter = replay_dead_letter(session, letter_id, queue.stage, from_stage)
             event_id, stage = letter.event_id, from_stage or letter.stage
     except SkillpayError as exc:
         _fail(exc.message)
@@ -208,20 +269,19 @@ def dlq_replay(letter_id: int, from_stage: str | None) -> None:
 
 @main.command("reconcile")
 @click.option("--older-than-minutes", type=click.IntRange(min=0), default=5, show_default=True)
-def reconcile_cmd(older_than_minutes: int) -> None:
+@pass_settings
+def reconcile_cmd(settings: Settings, older_than_minutes: int) -> None:
     """Ask iKhokha about card payments still waiting, and feed final answers to the pipeline."""
     from models import session_scope
-    from pipeline.ikhokha import get_gateway
     from pipeline.reconcile import reconcile
-    from workers.tasks import enqueue_pipeline
 
-    settings = get_settings()
+    celery = _celery(settings)
     with session_scope() as session:
         report = reconcile(
             session,
             settings,
-            get_gateway(settings),
-            enqueue_pipeline,
+            celery.gateway,
+            celery.queue.stage,
             older_than=timedelta(minutes=older_than_minutes),
         )
     click.echo(
@@ -245,36 +305,28 @@ def reconcile_cmd(older_than_minutes: int) -> None:
 @click.option(
     "--url", default=None, help="Receiver URL (default: PUBLIC_BASE_URL/webhooks/ikhokha)."
 )
-def send_callback(payment_id: str, status: str, url: str | None) -> None:
+@pass_settings
+def send_callback(settings: Settings, payment_id: str, status: str, url: str | None) -> None:
     """Send a callback signed as iKhokha would, for trying the pipeline by hand."""
     import requests
 
     from models import Payment, session_scope
-    from pipeline.signing import compact_json, sign
+    from pipeline.callbacks import callback_body
+    from pipeline.signing import signed_callback
 
-    settings = get_settings()
+    _not_in_production(settings, "skillpay callback")
+
     with session_scope() as session:
         payment = session.get(Payment, payment_id)
         paylink_id = payment.paylink_id if payment else None
-    body = compact_json(
-        {
-            "paylinkID": paylink_id or "",
-            "status": status,
-            "externalTransactionID": payment_id,
-            "responseCode": "00" if status == "SUCCESS" else "05",
-        }
+    body, headers = signed_callback(
+        callback_body(paylink_id=paylink_id, external_transaction_id=payment_id, status=status),
+        path=settings.webhook_path,
+        app_id=settings.ikhokha_app_id,
+        secret=settings.ikhokha_app_secret,
     )
     target = url or settings.url_for_public("/webhooks/ikhokha")
-    response = requests.post(
-        target,
-        data=body,
-        timeout=10,
-        headers={
-            "Content-Type": "application/json",
-            "ik-appid": settings.ikhokha_app_id,
-            "ik-sign": sign(settings.ikhokha_app_secret, settings.webhook_path, body),
-        },
-    )
+    response = requests.post(target, data=body, timeout=10, headers=headers)
     click.echo(f"{response.status_code} {response.text.strip()}", err=True)
     sys.exit(0 if response.ok else 1)
 

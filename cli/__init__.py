@@ -1,0 +1,1 @@
+"""The `skillpay` command (cli.commands:main)."""

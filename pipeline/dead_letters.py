@@ -1,0 +1,50 @@
+"""Dead letters: events the pipeline could not complete, listed, and sent back in."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, joinedload
+
+from models import DeadLetter, EventState, on_commit, utcnow
+from pipeline.errors import InvalidTransition, NotFound
+from pipeline.runner import Enqueue, lock_event
+from pipeline.stages import STAGE_NAMES
+
+
+def replay_dead_letter(
+    session: Session, dead_letter_id: int, enqueue: Enqueue, from_stage: str | None = None
+) -> DeadLetter:
+    """Send a dead event back into the pipeline, from its failed stage or an earlier one."""
+    letter = session.get(DeadLetter, dead_letter_id)
+    if letter is None:
+        raise NotFound(f"dead letter {dead_letter_id} does not exist")
+    stage = from_stage or letter.stage
+    if stage not in STAGE_NAMES:
+        raise InvalidTransition(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
+    event = lock_event(session, letter.event_id)
+    assert event is not None
+    if event.state != EventState.DEAD:
+        raise InvalidTransition(
+            f"event {event.id} is {event.state}, not dead: it was replayed already"
+        )
+    now = utcnow()
+    event.state = EventState.PROCESSING
+    event.stage = stage
+    event.updated_at = now
+    event.outcome = None
+    letter.replay_count += 1
+    letter.replayed_at = now
+    letter.resolved_at = now
+    on_commit(session, lambda: enqueue(event.id, stage))
+    return letter
+
+
+def list_dead_letters(
+    session: Session, *, include_replayed: bool = False, limit: int = 500, offset: int = 0
+) -> list[DeadLetter]:
+    """Dead letters with their events loaded, newest first; by default only those not yet
+    replayed."""
+    stmt = select(DeadLetter).options(joinedload(DeadLetter.event))
+    if not include_replayed:
+        stmt = stmt.where(DeadLetter.resolved_at.is_(None))
+    return list(session.scalars(stmt.order_by(DeadLetter.id.desc()).offset(offset).limit(limit)))

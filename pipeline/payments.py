@@ -1,0 +1,39 @@
+"""Finding payments: by a callback's ids, the latest of an enrollment, a new reference."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Payment
+
+_REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def new_reference() -> str:
+    """A payment reference a student types into a bank transfer: no 0/O or 1/I to confuse."""
+    return "SP-" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))
+
+
+def latest_payment(session: Session, enrollment_id: int) -> Payment | None:
+    return session.scalar(
+        select(Payment)
+        .where(Payment.enrollment_id == enrollment_id)
+        .order_by(Payment.created_at.desc())
+        .limit(1)
+    )
+
+
+def find_payment(
+    session: Session, paylink_id: str | None, external_id: str | None
+) -> Payment | None:
+    """The payment a callback names: by iKhokha's paylink id, else by our own id."""
+    if paylink_id:
+        payment = session.scalar(select(Payment).where(Payment.paylink_id == paylink_id))
+        if payment is not None:
+            return payment
+    if external_id:
+        return session.get(Payment, external_id)
+    return None

@@ -1,0 +1,218 @@
+"""What the API and the pages show of our rows: marshmallow dump schemas, and the course card.
+
+Display lives here, on the web side; pipeline/ returns rows and outcomes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    Course,
+    DeadLetter,
+    Enrollment,
+    EnrollmentHistory,
+    Notification,
+    PaymentMethod,
+    State,
+    User,
+)
+from pipeline.bulk import JobProgress
+from pipeline.errors import NotFound
+from pipeline.payments import latest_payment
+
+
+class PaymentView(Schema):
+    id = fields.String()
+    method = fields.String()
+    amount_cents = fields.Integer()
+    currency = fields.String()
+    reference = fields.String()
+    paylink_url = fields.String(allow_none=True)
+    gateway_status = fields.String(allow_none=True)
+
+
+class HistoryView(Schema):
+    from_state = fields.String(data_key="from", allow_none=True)
+    to_state = fields.String(data_key="to")
+    actor = fields.String()
+    source = fields.String()
+    reason = fields.String(allow_none=True)
+    event_id = fields.Integer(allow_none=True)
+    created_at = fields.DateTime(data_key="at")
+
+
+class AuditEntryView(HistoryView):
+    """A change made by a person, for the audit trail."""
+
+    class Meta:
+        exclude = ("event_id",)
+
+    id = fields.Integer()
+    enrollment_id = fields.Integer()
+    actor_user_id = fields.Integer(allow_none=True)
+
+
+class EnrollmentView(Schema):
+    id = fields.Integer()
+    user_id = fields.Integer()
+    course_id = fields.Integer()
+    state = fields.String()
+    course_access = fields.Boolean()
+    payment_method = fields.String()
+    waiting_reason = fields.String(allow_none=True)
+    rejection_reason = fields.String(allow_none=True)
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+    approved_at = fields.DateTime(allow_none=True)
+
+
+class EventSummaryView(Schema):
+    state = fields.String()
+    stage = fields.String()
+    paylink_id = fields.String(allow_none=True)
+    external_transaction_id = fields.String(allow_none=True)
+    callback_status = fields.String(data_key="status", allow_none=True)
+    deliveries = fields.Integer()
+    received_at = fields.DateTime()
+    outcome = fields.String(allow_none=True)
+
+
+class DeadLetterView(Schema):
+    id = fields.Integer()
+    event_id = fields.Integer()
+    stage = fields.String()
+    error_code = fields.String()
+    error = fields.String()
+    attempts = fields.Integer()
+    created_at = fields.DateTime()
+    replay_count = fields.Integer()
+    replayed_at = fields.DateTime(allow_none=True)
+    open = fields.Function(lambda letter: letter.resolved_at is None)
+    event = fields.Nested(EventSummaryView)
+
+
+class JobItemView(Schema):
+    enrollment_id = fields.Integer()
+    outcome = fields.String()
+    detail = fields.String(allow_none=True)
+
+
+class JobView(Schema):
+    id = fields.String()
+    kind = fields.String()
+    state = fields.String()
+    admin_user_id = fields.Integer()
+    total = fields.Integer()
+    created_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+
+
+def enrollment_view(
+    session: Session, enrollment: Enrollment, *, with_history: bool = True
+) -> dict[str, Any]:
+    """An enrollment as GET /api/enrollments/<id> shows it: its latest payment, its history."""
+    view: dict[str, Any] = EnrollmentView().dump(enrollment)
+    payment = latest_payment(session, enrollment.id)
+    view["payment"] = PaymentView().dump(payment) if payment is not None else None
+    if with_history:
+        rows = session.scalars(
+            select(EnrollmentHistory)
+            .where(EnrollmentHistory.enrollment_id == enrollment.id)
+            .order_by(EnrollmentHistory.id)
+        )
+        view["history"] = HistoryView(many=True).dump(rows)
+    return view
+
+
+def job_view(progress: JobProgress) -> dict[str, Any]:
+    job = progress.job
+    view: dict[str, Any] = JobView().dump(job)
+    view.update(
+        done=progress.done,
+        progress=round(progress.done / job.total, 4) if job.total else 1.0,
+        counts=progress.counts,
+        items=JobItemView(many=True).dump(progress.items),
+    )
+    return view
+
+
+def notification_view(row: Notification) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "enrollment_id": row.enrollment_id,
+        "at": row.created_at.isoformat(),
+        **row.payload,
+    }
+
+
+def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
+    return DeadLetterView().dump(letter)  # type: ignore[no-any-return]
+
+
+# The course card's button, per the caller's latest enrollment in the course (seed design).
+CARD_BUTTONS: dict[str | None, tuple[str, str, bool]] = {
+    None: ("Enroll Now", "initiate_enrollment", False),
+    State.PENDING_PAYMENT: ("Complete Payment", "continue_payment", False),
+    State.PENDING_APPROVAL: ("Pending Approval", "show_pending", True),
+    State.APPROVED: ("Continue Course", "continue_course", False),
+    State.PAYMENT_FAILED: ("Retry Payment", "retry_payment", False),
+}
+SIGNED_OUT_CARD = ("Register To Enroll", "redirect_to_auth", False)
+
+
+def course_card(session: Session, course_id: int, user: User | None) -> dict[str, Any]:
+    """The course card for this caller: button text, action, and what to tell them."""
+    if session.get(Course, course_id) is None:
+        raise NotFound(f"course {course_id} does not exist")
+    if user is None:
+        text, action, disabled = SIGNED_OUT_CARD
+        return {
+            "course_id": course_id,
+            "state": None,
+            "button_text": text,
+            "action": action,
+            "disabled": disabled,
+            "course_access": False,
+        }
+    enrollment = session.scalar(
+        select(Enrollment)
+        .where(Enrollment.user_id == user.id, Enrollment.course_id == course_id)
+        .order_by(Enrollment.created_at.desc())
+        .limit(1)
+    )
+    state = enrollment.state if enrollment is not None else None
+    text, action, disabled = CARD_BUTTONS.get(state, CARD_BUTTONS[None])
+    card: dict[str, Any] = {
+        "course_id": course_id,
+        "state": state,
+        "button_text": text,
+        "action": action,
+        "disabled": disabled,
+        "course_access": bool(enrollment and enrollment.course_access),
+        "enrollment_id": enrollment.id if enrollment else None,
+    }
+    if enrollment is None:
+        return card
+    if enrollment.state == State.REJECTED:
+        card["message"] = f"Your enrollment was rejected: {enrollment.rejection_reason}"
+    if enrollment.state == State.PENDING_PAYMENT:
+        payment = latest_payment(session, enrollment.id)
+        card["paylink_url"] = payment.paylink_url if payment else None
+    if (
+        enrollment.state == State.PENDING_APPROVAL
+        and enrollment.payment_method == PaymentMethod.EFT
+    ):
+        payment = latest_payment(session, enrollment.id)
+        if payment is not None:
+            card["message"] = (
+                f"Pay by bank transfer with reference {payment.reference}; "
+                "an admin approves once the money arrives."
+            )
+    return card

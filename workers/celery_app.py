@@ -1,0 +1,153 @@
+"""The Celery app, made from the settings it is handed (Flask's `celery_init_app` pattern).
+
+The worker's entry module (workers/app.py) makes one from the environment; the web app and
+the CLI make theirs from the settings they were made with, so a process and its broker can
+never disagree. TaskQueue is how they send work to the workers.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import structlog
+from celery import Celery, current_app, signals
+
+from config import Settings
+from config.logging import configure_logging
+from models import configure_database, reset_engine
+from pipeline.ikhokha import Gateway, make_gateway
+from pipeline.inbox import FIRST_STAGE
+
+log = structlog.get_logger(__name__)
+
+
+class SkillpayCelery(Celery):
+    """A Celery app that carries the settings it was made with, and the gateway they name."""
+
+    def __init__(self, settings: Settings, **kwargs: object) -> None:
+        super().__init__("skillpay", **kwargs)  # type: ignore[arg-type]
+        self.settings = settings
+
+    @cached_property
+    def gateway(self) -> Gateway:
+        return make_gateway(self.settings)
+
+    @cached_property
+    def queue(self) -> TaskQueue:
+        return TaskQueue(self)
+
+
+def make_celery(settings: Settings) -> SkillpayCelery:
+    settings.check()  # a worker refuses an unsafe configuration too
+    configure_database(settings.database_url, settings.db_lock_timeout_ms)
+    app = SkillpayCelery(settings, broker=settings.celery_broker_url)
+    transport: dict[str, object] = {}
+    if settings.celery_broker_url.startswith(("redis", "rediss")):
+        transport = {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+        }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.celery_queue,
+        # A message is acknowledged only once its stage has committed; a worker that dies
+        # mid-stage leaves the message to be delivered again, and the stage is idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # Publishing from the web request gives up quickly: the inbox row is already stored
+        # and the sweeper enqueues it later.
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        # When the broker connection drops, a running stage can no longer acknowledge its
+        # message (its channel is gone): cancel it and let the message come back. Stages are
+        # idempotent, so running one again is harmless (Celery 6 makes this the default).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        beat_schedule={
+            "sweep-stalled-work": {
+                "task": "skillpay.sweep_stalled_work",
+                "schedule": settings.sweep_interval_seconds,
+            },
+            "reconcile-waiting-payments": {
+                "task": "skillpay.reconcile",
+                "schedule": settings.reconcile_interval_seconds,
+            },
+            "expire-unpaid-enrollments": {
+                "task": "skillpay.expire_enrollments",
+                "schedule": 300.0,
+            },
+        },
+    )
+    import workers.tasks  # noqa: F401 - registers the shared tasks with this app
+
+    app.set_default()
+    return app
+
+
+class TaskQueue:
+    """Sends work to the workers through one Celery app. Messages carry ids only.
+
+    Each send returns False instead of raising when the broker will not take the message:
+    the row is committed by then, and the sweeper sends it later.
+    """
+
+    def __init__(self, celery: Celery) -> None:
+        self.celery = celery
+
+    def stage(self, event_id: int, stage: str = FIRST_STAGE) -> bool:
+        """Send the event to `stage`. Each stage task sends the next after its commit, so the
+        six tasks run as a chain with one small message per hop (a Celery canvas chain would
+        carry the rest of the chain in every message and cost several ms per request)."""
+        return self._send(f"skillpay.stage.{stage}", event_id)
+
+    def bulk_job(self, job_id: str) -> bool:
+        return self._send("skillpay.bulk_approve", job_id)
+
+    def payment_check(self, payment_id: str) -> bool:
+        return self._send("skillpay.check_payment", payment_id)
+
+    def depth(self) -> int | None:
+        """Messages waiting in the queue (not those a worker holds), or None if the broker
+        cannot say right now."""
+        name = self.celery.conf.task_default_queue
+        try:
+            with self.celery.connection_for_read() as conn:
+                channel = conn.default_channel
+                size = getattr(channel, "_size", None)  # kombu's virtual transports (Redis)
+                if size is not None:
+                    return int(size(name))
+                return int(channel.queue_declare(queue=name, passive=True).message_count)
+        except Exception as exc:  # noqa: BLE001 - unknown depth: sweep as usual
+            log.warning("queue.depth_unknown", error=type(exc).__name__)
+            return None
+
+    def _send(self, task: str, object_id: int | str) -> bool:
+        try:
+            self.celery.send_task(task, (object_id,))
+        except Exception as exc:  # noqa: BLE001 - the sweeper sends it later
+            log.warning("task.enqueue_failed", task=task, id=object_id, error=type(exc).__name__)
+            return False
+        return True
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Connections opened before the fork must not be shared with the child.
+    reset_engine()
+
+
+@signals.setup_logging.connect
+def _logging(**_: object) -> None:
+    configure_logging(current_app.settings)
