@@ -65,10 +65,11 @@ fmt: install ## Format and fix what ruff can
 	$(BIN)/ruff check --fix .
 
 .PHONY: bench
-bench: install ## Run the benchmarks against PostgreSQL and Redis; writes docs/benchmarks.md
+bench: install ## Run the benchmarks against PostgreSQL, Redis and RabbitMQ; writes docs/benchmarks.md
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.stream
+	$(BIN)/python -m bench.brokers
 
 .PHONY: clean
 clean: ## Remove the virtual environment and local data

@@ -104,7 +104,7 @@ def gunicorn(
     raise RuntimeError(f"{app} did not start")
 
 
-def celery_worker(app: str, queue: str, env: dict[str, str]) -> Server:
+def celery_worker(app: str, queue: str, env: dict[str, str], *extra: str) -> Server:
     server = Server(
         [
             sys.executable,
@@ -123,6 +123,7 @@ def celery_worker(app: str, queue: str, env: dict[str, str]) -> Server:
             "--without-gossip",
             "--loglevel",
             "WARNING",
+            *extra,
         ],
         env,
     )
@@ -271,52 +272,60 @@ def _post_many(args: tuple[int, list[tuple[str, str]]]) -> None:
         _post_callback(port, payment_id, paylink_id)
 
 
-def bench_pipeline(env: dict[str, str], engine, idle_n: int, burst_n: int) -> dict:
-    import redis
+def measure_pipeline(port: int, engine, idle_n: int, burst_n: int) -> dict[str, float]:
+    """Idle latency (one callback at a time, to its approval) and burst throughput, through
+    the web app on `port` and whichever workers read its queue."""
     from sqlalchemy import text
 
-    port = free_port()
-    web = gunicorn("web.wsgi:app", port, env)
-    worker = celery_worker("workers.app", QUEUE, env)
     approved_at = text(
         "SELECT extract(epoch FROM h.created_at) FROM enrollment_history h JOIN payments p "
         "ON p.enrollment_id = h.enrollment_id WHERE p.id = :p AND h.to_state = 'approved'"
     )
-    try:
-        idle = []
-        for payment_id, paylink_id in _seed_payments(engine, idle_n):
-            start = time.time()
-            _post_callback(port, payment_id, paylink_id)
-            while True:
-                with engine.connect() as conn:
-                    done = conn.execute(approved_at, {"p": payment_id}).scalar()
-                if done:
-                    idle.append(float(done) - start)
-                    break
-                time.sleep(0.002)
-            time.sleep(0.05)
-        payments = _seed_payments(engine, burst_n)
-        chunks = [payments[i::8] for i in range(8)]
+    idle = []
+    for payment_id, paylink_id in _seed_payments(engine, idle_n):
         start = time.time()
-        with multiprocessing.get_context("fork").Pool(8) as pool:
-            pool.map(_post_many, [(port, c) for c in chunks])
-        ids = [p for p, _ in payments]
-        count = text(
-            "SELECT count(*), extract(epoch FROM max(h.created_at)) FROM enrollment_history h JOIN payments p "
-            "ON p.enrollment_id = h.enrollment_id WHERE p.id = ANY(:ids) AND h.to_state = 'approved'"
-        )
-        deadline = time.time() + 300
-        while time.time() < deadline:
+        _post_callback(port, payment_id, paylink_id)
+        while True:
             with engine.connect() as conn:
-                n, last = conn.execute(count, {"ids": ids}).one()
-            if n == burst_n:
+                done = conn.execute(approved_at, {"p": payment_id}).scalar()
+            if done:
+                idle.append(float(done) - start)
                 break
-            time.sleep(0.2)
-        ours = {
-            "idle_p50_ms": pct(idle, 50) * 1000,
-            "idle_p99_ms": pct(idle, 99) * 1000,
-            "throughput": burst_n / (float(last) - start),
-        }
+            time.sleep(0.002)
+        time.sleep(0.05)
+    payments = _seed_payments(engine, burst_n)
+    chunks = [payments[i::8] for i in range(8)]
+    start = time.time()
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(_post_many, [(port, c) for c in chunks])
+    ids = [p for p, _ in payments]
+    count = text(
+        "SELECT count(*), extract(epoch FROM max(h.created_at)) FROM enrollment_history h JOIN payments p "
+        "ON p.enrollment_id = h.enrollment_id WHERE p.id = ANY(:ids) AND h.to_state = 'approved'"
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        with engine.connect() as conn:
+            n, last = conn.execute(count, {"ids": ids}).one()
+        if n == burst_n:
+            break
+        time.sleep(0.2)
+    ours = {
+        "idle_p50_ms": pct(idle, 50) * 1000,
+        "idle_p99_ms": pct(idle, 99) * 1000,
+        "throughput": burst_n / (float(last) - start),
+    }
+    return ours
+
+
+def bench_pipeline(env: dict[str, str], engine, idle_n: int, burst_n: int) -> dict:
+    import redis
+
+    port = free_port()
+    web = gunicorn("web.wsgi:app", port, env)
+    worker = celery_worker("workers.app", env["SKILLPAY_CELERY_QUEUE"], env)
+    try:
+        ours = measure_pipeline(port, engine, idle_n, burst_n)
     finally:
         worker.stop()
         web.stop()

@@ -50,10 +50,20 @@ def main(ctx: click.Context) -> None:
 
 
 @main.command("validate-config")
+@click.option(
+    "--broker", "check_broker", is_flag=True, help="Also connect to the broker and check its queue."
+)
 @pass_settings
-def validate_config(settings: Settings) -> None:
+def validate_config(settings: Settings, check_broker: bool) -> None:
     """Check the configuration; exit 1 and say why if it is unsafe."""
     problems = settings.problems()
+    if check_broker:
+        from workers.celery_app import broker_report
+
+        facts, broker_problems = broker_report(settings)
+        for fact in facts:
+            click.echo(fact, err=True)
+        problems += broker_problems
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:

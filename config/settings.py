@@ -60,14 +60,29 @@ class Settings:
     pipeline_max_retries: int = 5
     pipeline_retry_base_seconds: float = 1.0
     pipeline_retry_max_seconds: float = 60.0
-    # An inbox row that made no progress for this long is re-driven by the sweeper.
-    pipeline_stale_after_seconds: float = 300.0
-    sweep_interval_seconds: float = 30.0
+    # An inbox row that made no progress for this long (and has no retry due later) is
+    # re-driven by the sweeper: with the sweep interval, this bounds how long an event whose
+    # worker crashed waits once a worker is up again (a duplicate message is harmless).
+    pipeline_stale_after_seconds: float = 20.0
+    sweep_interval_seconds: float = 5.0
     # The sweeper waits while more messages than this are queued (a backlog is not a stall).
     sweep_max_queue_depth: int = 200
     # Ask iKhokha about card payments still waiting (a callback that never came).
     reconcile_interval_seconds: float = 600.0
     broker_visibility_timeout: int = 3600
+    # RabbitMQ only: the task queue is a quorum queue (replicated; counts deliveries), and the
+    # broker drops a message delivered more often than this. Skillpay moves an event to the
+    # dead-letter table well before (SKILLPAY_PIPELINE_MAX_REDELIVERIES), so the broker's
+    # limit is a backstop. BROKER_CONSUMER_TIMEOUT is the server's consumer_timeout (seconds;
+    # RabbitMQ's default): a task holding its message longer loses its channel.
+    broker_quorum_queues: bool = True
+    broker_delivery_limit: int = 20
+    broker_consumer_timeout: float = 1800.0
+    # A stage message the broker hands out again because its worker died holding it counts;
+    # past this many, the event is dead-lettered instead of crashing workers for ever.
+    pipeline_max_redeliveries: int = 5
+    # A task running longer than this is killed (its message comes back, and counts).
+    task_time_limit_seconds: float = 300.0
     celery_queue: str = "skillpay"
     # Payment-type detection: below this confidence a card SUCCESS waits for an admin.
     card_min_confidence: float = 0.8
@@ -193,11 +208,7 @@ class Settings:
             found.append(
                 f"IKHOKHA_GATEWAY must be 'http' or 'memory', not {self.ikhokha_gateway!r}"
             )
-        if self.pipeline_retry_max_seconds * 2 >= self.broker_visibility_timeout:
-            found.append(
-                "SKILLPAY_PIPELINE_RETRY_MAX_SECONDS must stay well below "
-                "SKILLPAY_BROKER_VISIBILITY_TIMEOUT (less than half)"
-            )
+        found.extend(self.broker_problems())
         if not 0 < self.card_min_confidence <= 1:
             found.append("SKILLPAY_CARD_MIN_CONFIDENCE must be in (0, 1]")
         if self.app_env == "test" and self.ikhokha_app_secret == DEV_APP_SECRET:
@@ -235,6 +246,48 @@ class Settings:
             found.append(
                 "IKHOKHA_CONFIRM_WITH_STATUS must stay on in production: "
                 "a callback alone must not grant access"
+            )
+        return found
+
+    @property
+    def broker_kind(self) -> str:
+        """ "redis", "rabbitmq" or "embedded" (SQLite, for a bare machine)."""
+        scheme = urlsplit(self.celery_broker_url).scheme
+        if scheme in ("redis", "rediss", "sentinel"):
+            return "redis"
+        if scheme in ("amqp", "amqps", "pyamqp"):
+            return "rabbitmq"
+        return "embedded"
+
+    @property
+    def uses_quorum_queues(self) -> bool:
+        return self.broker_kind == "rabbitmq" and self.broker_quorum_queues
+
+    def broker_problems(self) -> list[str]:
+        """Settings that would make the broker hand a message to a second worker while the
+        first still holds it, or take it away from a task that is still running."""
+        found: list[str] = []
+        longest_hold = max(self.pipeline_retry_max_seconds, self.task_time_limit_seconds)
+        if self.broker_kind == "redis" and longest_hold * 2 >= self.broker_visibility_timeout:
+            found.append(
+                "SKILLPAY_BROKER_VISIBILITY_TIMEOUT must be more than twice the longest a task "
+                "holds its message (SKILLPAY_PIPELINE_RETRY_MAX_SECONDS, "
+                "SKILLPAY_TASK_TIME_LIMIT_SECONDS)"
+            )
+        if self.broker_kind == "rabbitmq" and longest_hold * 2 >= self.broker_consumer_timeout:
+            found.append(
+                "SKILLPAY_BROKER_CONSUMER_TIMEOUT (RabbitMQ's consumer_timeout) must be more "
+                "than twice the longest a task holds its message "
+                "(SKILLPAY_PIPELINE_RETRY_MAX_SECONDS, SKILLPAY_TASK_TIME_LIMIT_SECONDS)"
+            )
+        if self.pipeline_max_redeliveries < 1:
+            found.append("SKILLPAY_PIPELINE_MAX_REDELIVERIES must be at least 1")
+        limit = self.pipeline_max_redeliveries + 1
+        if self.uses_quorum_queues and self.broker_delivery_limit <= limit:
+            found.append(
+                "SKILLPAY_BROKER_DELIVERY_LIMIT must exceed "
+                "SKILLPAY_PIPELINE_MAX_REDELIVERIES + 1, so that the dead-letter table, "
+                "not the broker, takes a message that keeps failing"
             )
         return found
 

@@ -213,6 +213,11 @@ class WebhookEvent(Base):
     history_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
     outcome: Mapped[str | None] = mapped_column(Text, default=None)
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Deliveries of the current stage the broker made again because a worker died holding
+    # the message; back to 0 when a stage completes.
+    redeliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When a failed stage is due to be retried: until then the event is not stalled.
+    retry_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class StageAttempt(Base):
@@ -304,3 +309,13 @@ class BulkJobItem(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_bulk_job_items_pending", "job_id", "outcome", "position"),)
+
+
+class ScheduledRun(Base):
+    """One row per scheduled task per period: whichever beat's message comes first runs the
+    work; a second beat started by mistake finds the period taken (pipeline/schedule.py)."""
+
+    __tablename__ = "scheduled_runs"
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    period: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -32,6 +32,8 @@ def replay_dead_letter(
     event.stage = stage
     event.updated_at = now
     event.outcome = None
+    event.redeliveries = 0
+    event.retry_at = None
     letter.replay_count += 1
     letter.replayed_at = now
     letter.resolved_at = now

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 
 import structlog
 from sqlalchemy import select, text
@@ -37,11 +38,16 @@ def lock_event(session: Session, event_id: int) -> WebhookEvent | None:
     ).scalar_one_or_none()
 
 
-def run_stage(stage: str, event_id: int, attempt: int, ctx: StageContext) -> str | None:
+def run_stage(
+    stage: str, event_id: int, attempt: int, ctx: StageContext, *, redelivered: bool = False
+) -> str | None:
     """Run `stage` for the event if it is the event's next stage, and commit.
 
     Returns the stage to enqueue next, or None: the event is complete, or this stage had
-    already run (a duplicate message), in which case whoever ran it enqueued what follows.
+    already run (a duplicate message), in which case whoever ran it enqueued what follows;
+    unless this message is a redelivery: its first holder may have died between its commit
+    and sending the next message, so the event's current stage is sent again (a duplicate
+    finds its stage done and does nothing).
     """
     started = time.perf_counter()
     spec = STAGES[stage]
@@ -52,8 +58,10 @@ def run_stage(stage: str, event_id: int, attempt: int, ctx: StageContext) -> str
         if event is None:
             log.warning("pipeline.event_missing", event_id=event_id, stage=stage)
             return None
-        if event.state in (EventState.COMPLETED, EventState.DEAD) or event.stage != stage:
+        if event.state in (EventState.COMPLETED, EventState.DEAD):
             return None
+        if event.stage != stage:
+            return event.stage if redelivered else None
         if stage not in DURABLE_STAGES and session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
             # Losing this commit in a database crash loses only progress: the inbox row is
             # durable, stages are idempotent, and the sweeper re-drives the event. Not waiting
@@ -69,6 +77,8 @@ def run_stage(stage: str, event_id: int, attempt: int, ctx: StageContext) -> str
         else:
             event.stage = following
         event.updated_at = now
+        event.redeliveries = 0
+        event.retry_at = None
         session.add(
             StageAttempt(
                 event_id=event_id,
@@ -83,9 +93,16 @@ def run_stage(stage: str, event_id: int, attempt: int, ctx: StageContext) -> str
 
 
 def record_failure(
-    stage: str, event_id: int, attempt: int, exc: BaseException, *, final: bool
+    stage: str,
+    event_id: int,
+    attempt: int,
+    exc: BaseException,
+    *,
+    final: bool,
+    retry_in: float = 0.0,
 ) -> None:
     """Record a failed attempt; on the final one, move the event to the dead-letter table.
+    Otherwise the retry is due in `retry_in` seconds, and the sweeper leaves it until then.
 
     If the database itself is down this fails too, and the event stays where it was: the
     sweeper re-drives it once the database is back, so it is never lost.
@@ -112,18 +129,63 @@ def record_failure(
         )
         event.updated_at = now
         if final:
-            event.state = EventState.DEAD
-            event.outcome = f"dead letter at {stage}: {code}"
-            session.add(
-                DeadLetter(
-                    event_id=event_id,
-                    stage=stage,
-                    error_code=code,
-                    error=message,
-                    attempts=attempt,
-                    created_at=now,
-                )
-            )
+            bury(session, event, code, message, attempts=attempt)
+        else:
+            event.retry_at = now + timedelta(seconds=retry_in)
+
+
+def bury(session: Session, event: WebhookEvent, code: str, message: str, attempts: int) -> None:
+    """Move the event to the dead-letter table at its current stage (replayable)."""
+    now = utcnow()
+    event.state = EventState.DEAD
+    event.outcome = f"dead letter at {event.stage}: {code}"
+    event.updated_at = now
+    event.retry_at = None
+    session.add(
+        DeadLetter(
+            event_id=event.id,
+            stage=event.stage,
+            error_code=code,
+            error=message,
+            attempts=attempts,
+            created_at=now,
+        )
+    )
+    log.error("pipeline.dead_letter", event_id=event.id, stage=event.stage, error_code=code)
+
+
+def count_redelivery(session: Session, event: WebhookEvent, settings: Settings) -> bool:
+    """Count one more delivery of the event's current stage by the broker after a worker
+    died holding it. Past SKILLPAY_PIPELINE_MAX_REDELIVERIES the event is dead-lettered and
+    False is returned: a message that kills every worker that takes it stops being handed
+    out (on both brokers; RabbitMQ's own delivery limit is only a backstop)."""
+    event.redeliveries += 1
+    event.updated_at = utcnow()
+    if event.redeliveries <= settings.pipeline_max_redeliveries:
+        return True
+    bury(
+        session,
+        event,
+        "redelivery_limit",
+        f"the {event.stage} stage was handed out {event.redeliveries} times without "
+        "finishing: each time the worker running it died or lost its broker connection",
+        attempts=event.redeliveries,
+    )
+    return False
+
+
+def note_redelivery(stage: str, event_id: int, settings: Settings) -> bool:
+    """A message for `stage` came back from the broker (its worker died holding it): count
+    it, in a transaction of its own, before the stage runs again. False: do not run it."""
+    with session_scope() as session:
+        event = lock_event(session, event_id)
+        if (
+            event is None
+            or event.state not in (EventState.RECEIVED, EventState.PROCESSING)
+            or event.stage != stage
+        ):
+            return True  # run_stage sorts out what this message means now
+        return count_redelivery(session, event, settings)
 
 
 def backoff_seconds(retries: int, settings: Settings) -> float:

@@ -15,7 +15,8 @@ from pipeline.runner import Enqueue
 
 
 def stalled_events(session: Session, settings: Settings, limit: int = 500) -> list[WebhookEvent]:
-    """Events stored or in progress that made no progress for a while, oldest first."""
+    """Events stored or in progress that made no progress for a while (and are not waiting
+    for a retry that is due later), oldest first."""
     cutoff = utcnow() - timedelta(seconds=settings.pipeline_stale_after_seconds)
     return list(
         session.scalars(
@@ -23,6 +24,7 @@ def stalled_events(session: Session, settings: Settings, limit: int = 500) -> li
             .where(
                 WebhookEvent.state.in_((EventState.RECEIVED, EventState.PROCESSING)),
                 WebhookEvent.updated_at < cutoff,
+                func.coalesce(WebhookEvent.retry_at, WebhookEvent.updated_at) < cutoff,
             )
             .order_by(WebhookEvent.updated_at)
             .limit(limit)
@@ -33,7 +35,11 @@ def stalled_events(session: Session, settings: Settings, limit: int = 500) -> li
 
 
 def redrive_stalled_events(session: Session, settings: Settings, enqueue: Enqueue) -> list[int]:
-    """Re-enqueue stalled events from their current stage, after commit."""
+    """Re-enqueue stalled events from their current stage, after commit.
+
+    A re-drive does not count towards SKILLPAY_PIPELINE_MAX_REDELIVERIES: an event may look
+    stalled only because its message waits behind others, and a duplicate message is
+    harmless. What counts is a message the broker hands out again because its worker died."""
     ids = []
     for event in stalled_events(session, settings):
         event.updated_at = utcnow()

@@ -135,7 +135,68 @@ class OwnRedis:
             self.proc.wait(timeout=10)
 
 
-def restart_after(server: OwnPostgres | OwnRedis, down_seconds: float) -> None:
+def restart_after(server: OwnPostgres | OwnRedis | OwnRabbitMQ, down_seconds: float) -> None:
     server.stop()
     time.sleep(down_seconds)
     server.start()
+
+
+class OwnRabbitMQ:
+    """A RabbitMQ node of the test's own: its own name, ports and data directory, so that
+    killing it touches nothing else; started again, it finds its durable queues."""
+
+    BIN = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="skillpay-rabbitmq-"))
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        (self.base / "enabled_plugins").write_text("[].\n")
+        # guest may connect over 127.0.0.1 (loopback) only by default; the port is ours.
+        (self.base / "rabbitmq.conf").write_text("loopback_users = none\n")
+        self.env = dict(
+            os.environ,
+            HOME=str(self.base),
+            RABBITMQ_NODENAME=f"skillpay-test-{self.port}@localhost",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(free_port()),
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq"),
+            RABBITMQ_PID_FILE=str(self.base / "pid"),
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OwnRabbitMQ:
+        from kombu import Connection
+
+        self.proc = subprocess.Popen(
+            [self.BIN],
+            env=self.env,
+            cwd=self.base,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+        def up() -> bool:
+            try:
+                with Connection(self.url, connect_timeout=1) as conn:
+                    conn.ensure_connection(max_retries=1)
+                return True
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_for(up, timeout=60, interval=0.25)
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL the node (every process of its group): a crash, not a shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=10)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

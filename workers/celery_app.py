@@ -11,6 +11,7 @@ from functools import cached_property
 
 import structlog
 from celery import Celery, current_app, signals
+from kombu import Exchange, Queue
 
 from config import Settings
 from config.logging import configure_logging
@@ -19,6 +20,8 @@ from pipeline.ikhokha import Gateway, make_gateway
 from pipeline.inbox import FIRST_STAGE
 
 log = structlog.get_logger(__name__)
+
+EXPIRY_INTERVAL_SECONDS = 300.0
 
 
 class SkillpayCelery(Celery):
@@ -41,24 +44,19 @@ def make_celery(settings: Settings) -> SkillpayCelery:
     settings.check()  # a worker refuses an unsafe configuration too
     configure_database(settings.database_url, settings.db_lock_timeout_ms)
     app = SkillpayCelery(settings, broker=settings.celery_broker_url)
-    transport: dict[str, object] = {}
-    if settings.celery_broker_url.startswith(("redis", "rediss")):
-        transport = {
-            "visibility_timeout": settings.broker_visibility_timeout,
-            "socket_timeout": 5,
-            "socket_connect_timeout": 3,
-        }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.celery_queue,
+        task_queues=[task_queue(settings)],
+        task_time_limit=settings.task_time_limit_seconds,
         # A message is acknowledged only once its stage has committed; a worker that dies
         # mid-stage leaves the message to be delivered again, and the stage is idempotent.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         # Publishing from the web request gives up quickly: the inbox row is already stored
@@ -76,24 +74,104 @@ def make_celery(settings: Settings) -> SkillpayCelery:
         # idempotent, so running one again is harmless (Celery 6 makes this the default).
         worker_cancel_long_running_tasks_on_connection_loss=True,
         beat_schedule={
-            "sweep-stalled-work": {
-                "task": "skillpay.sweep_stalled_work",
-                "schedule": settings.sweep_interval_seconds,
-            },
-            "reconcile-waiting-payments": {
-                "task": "skillpay.reconcile",
-                "schedule": settings.reconcile_interval_seconds,
-            },
-            "expire-unpaid-enrollments": {
-                "task": "skillpay.expire_enrollments",
-                "schedule": 300.0,
-            },
+            name: {"task": task, "schedule": every, "kwargs": {"period_seconds": every}}
+            for name, task, every in (
+                (
+                    "sweep-stalled-work",
+                    "skillpay.sweep_stalled_work",
+                    settings.sweep_interval_seconds,
+                ),
+                (
+                    "reconcile-waiting-payments",
+                    "skillpay.reconcile",
+                    settings.reconcile_interval_seconds,
+                ),
+                (
+                    "expire-unpaid-enrollments",
+                    "skillpay.expire_enrollments",
+                    EXPIRY_INTERVAL_SECONDS,
+                ),
+            )
         },
     )
     import workers.tasks  # noqa: F401 - registers the shared tasks with this app
 
     app.set_default()
     return app
+
+
+def task_queue(settings: Settings) -> Queue:
+    """The one queue every task goes to. On RabbitMQ a quorum queue: durable and replicated,
+    and it counts deliveries, so that a message no worker survives stops coming back
+    (workers.tasks moves its event to the dead-letter table before the broker's limit)."""
+    arguments: dict[str, object] = {}
+    if settings.uses_quorum_queues:
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.broker_delivery_limit,
+        }
+    return Queue(
+        settings.celery_queue,
+        # A topic exchange: Celery's native delayed delivery (retries with a countdown, on
+        # quorum queues) routes through it; a direct exchange would hold retries in the worker.
+        Exchange(settings.celery_queue, type="topic"),
+        routing_key=settings.celery_queue,
+        durable=True,
+        queue_arguments=arguments or None,
+    )
+
+
+def transport_options(settings: Settings) -> dict[str, object]:
+    if settings.broker_kind == "redis":
+        return {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+        }
+    if settings.broker_kind == "rabbitmq":
+        # Publisher confirms: a send returns only once the broker has taken the message (a
+        # committed row is never reported as sent when it was not).
+        return {"confirm_publish": True}
+    return {}
+
+
+def broker_report(settings: Settings) -> tuple[list[str], list[str]]:
+    """Connect to the broker and check that its task queue is what these settings declare.
+    Returns (facts, problems). On RabbitMQ, declaring a queue that exists with other
+    arguments (a classic queue where a quorum queue is wanted) fails with PRECONDITION_FAILED:
+    workers would fail the same way, so it is a problem to fix before they start."""
+    from amqp.exceptions import PreconditionFailed
+    from kombu import Connection
+
+    facts = [f"broker: {settings.broker_kind}"]
+    queue = task_queue(settings)
+    try:
+        with Connection(
+            settings.celery_broker_url,
+            connect_timeout=5,
+            transport_options=transport_options(settings),
+        ) as conn:
+            conn.ensure_connection(max_retries=1)
+            queue(conn.default_channel).declare()
+    except PreconditionFailed as exc:
+        return facts, [
+            f"queue {settings.celery_queue!r} exists on the broker with other arguments "
+            f"({exc.reply_text}); drain it and delete it, or set SKILLPAY_CELERY_QUEUE to a "
+            "new name"
+        ]
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return facts, [f"cannot reach the broker: {type(exc).__name__}: {exc}"]
+    if settings.broker_kind == "rabbitmq":
+        kind = "quorum" if settings.uses_quorum_queues else "classic"
+        facts.append(f"queue {settings.celery_queue!r}: {kind}, durable")
+        if settings.uses_quorum_queues:
+            facts.append(f"delivery limit: {settings.broker_delivery_limit} (broker)")
+        facts.append("publisher confirms: on")
+        facts.append(f"consumer timeout assumed: {settings.broker_consumer_timeout:g} s")
+    elif settings.broker_kind == "redis":
+        facts.append(f"visibility timeout: {settings.broker_visibility_timeout} s")
+    facts.append(f"dead letter after {settings.pipeline_max_redeliveries} redeliveries")
+    return facts, []
 
 
 class TaskQueue:

@@ -6,6 +6,7 @@ and reach its settings, gateway and queue through `self.app`.
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 import structlog
@@ -17,6 +18,7 @@ from pipeline import bulk, runner
 from pipeline.errors import describe, is_transient
 from pipeline.expiry import expire_unpaid_enrollments
 from pipeline.reconcile import check_payment, reconcile
+from pipeline.schedule import claim_period
 from pipeline.stages import STAGE_NAMES, StageContext
 from pipeline.sweeper import redrive_stalled_events, redrive_stalled_jobs
 
@@ -44,8 +46,33 @@ class SkillpayTask(Task):
     def may_retry(self, exc: BaseException) -> bool:
         return is_transient(exc) and self.request.retries < self.settings.pipeline_max_retries
 
-    def retry_later(self, exc: BaseException) -> NoReturn:
+    @property
+    def redelivered(self) -> bool:
+        """This message came back from the broker: a worker died (or lost its connection)
+        while holding it."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
+
+    def first_in_period(self, period_seconds: float | None) -> bool:
+        """A scheduled run (beat sends `period_seconds`) goes ahead only if it is the first
+        of its period: a second beat started by mistake doubles the messages, not the work."""
+        if period_seconds is None:
+            return True  # sent by hand
+        with session_scope() as session:
+            claimed = claim_period(session, self.name, period_seconds)
+        if not claimed:
+            log.info("schedule.period_taken", period_seconds=period_seconds)
+        return claimed
+
+    def retry_countdown(self) -> float:
         countdown = runner.backoff_seconds(self.request.retries, self.settings)
+        if self.settings.uses_quorum_queues:
+            # RabbitMQ delays the retry in whole seconds (Celery's native delayed delivery).
+            countdown = float(math.ceil(countdown))
+        return countdown
+
+    def retry_later(self, exc: BaseException, countdown: float | None = None) -> NoReturn:
+        if countdown is None:
+            countdown = self.retry_countdown()
         log.warning(
             "task.retry",
             attempt=self.request.retries + 1,
@@ -61,12 +88,16 @@ def run_pipeline_stage(task: SkillpayTask, stage: str, event_id: int) -> None:
     """Run one stage; on failure record the attempt, then retry, or dead-letter the event."""
     attempt = task.request.retries + 1
     ctx = StageContext(task.settings, task.app.gateway)  # type: ignore[attr-defined]
+    redelivered = task.redelivered
     try:
-        following = runner.run_stage(stage, event_id, attempt, ctx)
+        if redelivered and not runner.note_redelivery(stage, event_id, task.settings):
+            return  # dead-lettered: it was handed out too often without finishing
+        following = runner.run_stage(stage, event_id, attempt, ctx, redelivered=redelivered)
     except Exception as exc:  # noqa: BLE001 - recorded, then retried or dead-lettered
         final = not task.may_retry(exc)
+        countdown = 0.0 if final else task.retry_countdown()
         try:
-            runner.record_failure(stage, event_id, attempt, exc, final=final)
+            runner.record_failure(stage, event_id, attempt, exc, final=final, retry_in=countdown)
         except Exception as record_exc:  # noqa: BLE001 - the sweeper re-drives it later
             log.error(
                 "pipeline.record_failure_failed", stage=stage, error=type(record_exc).__name__
@@ -74,9 +105,8 @@ def run_pipeline_stage(task: SkillpayTask, stage: str, event_id: int) -> None:
             if final:
                 return
         if final:
-            log.error("pipeline.dead_letter", stage=stage, error=describe(exc)[1])
             return
-        task.retry_later(exc)
+        task.retry_later(exc, countdown)
     if following is not None:
         # After the stage's commit. If this publish is lost, the sweeper sends it later.
         task.app.queue.stage(event_id, following)  # type: ignore[attr-defined]
@@ -104,13 +134,15 @@ def bulk_approve(self: SkillpayTask, job_id: str) -> None:
 
 
 @shared_task(name="skillpay.sweep_stalled_work", base=SkillpayTask, bind=True)
-def sweep_stalled_work(self: SkillpayTask) -> int:
+def sweep_stalled_work(self: SkillpayTask, period_seconds: float | None = None) -> int:
     """Re-drive events and bulk jobs that made no progress for a while.
 
     Not while the queue has a backlog: an event whose message is merely waiting in line looks
     stalled too, and re-driving it would add a duplicate to the line, which makes it longer,
     which makes more events look stalled. Lost messages are re-driven once the line is short.
     """
+    if not self.first_in_period(period_seconds):
+        return 0
     queue = self.app.queue  # type: ignore[attr-defined]
     depth = queue.depth()
     if depth is not None and depth > self.settings.sweep_max_queue_depth:
@@ -125,7 +157,9 @@ def sweep_stalled_work(self: SkillpayTask) -> int:
 
 
 @shared_task(name="skillpay.reconcile", base=SkillpayTask, bind=True)
-def reconcile_waiting_payments(self: SkillpayTask) -> int:
+def reconcile_waiting_payments(self: SkillpayTask, period_seconds: float | None = None) -> int:
+    if not self.first_in_period(period_seconds):
+        return 0
     with session_scope() as session:
         report = reconcile(session, self.settings, self.app.gateway, self.app.queue.stage)  # type: ignore[attr-defined]
     if report.fed or report.errors:
@@ -150,6 +184,8 @@ def check_payment_status(self: SkillpayTask, payment_id: str) -> None:
 
 
 @shared_task(name="skillpay.expire_enrollments", base=SkillpayTask, bind=True)
-def expire_enrollments(self: SkillpayTask) -> int:
+def expire_enrollments(self: SkillpayTask, period_seconds: float | None = None) -> int:
+    if not self.first_in_period(period_seconds):
+        return 0
     with session_scope() as session:
         return expire_unpaid_enrollments(session, self.settings)

@@ -29,6 +29,7 @@ from tests.support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = (
+    "scheduled_runs",
     "stream_tickets",
     "bulk_job_items",
     "bulk_jobs",
@@ -196,36 +197,64 @@ class Process:
         self._log.close()
 
 
-def start_worker(env: dict[str, str], log_dir: Path, concurrency: int = 2) -> Process:
-    worker = Process(
+def start_worker(
+    env: dict[str, str],
+    log_dir: Path,
+    concurrency: int = 2,
+    *,
+    beat: bool = True,
+    name: str = "worker",
+) -> Process:
+    """A `celery worker` (with an embedded beat unless beat=False), as on a machine of its own."""
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
         "worker",
+        "-n",
+        f"{name}-{os.getpid()}@%h",
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "-Q",
+        env["SKILLPAY_CELERY_QUEUE"],
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel",
+        "INFO",
+    ]
+    if beat:
+        args += ["-B", "-s", str(log_dir / f"{name}-beat-schedule")]
+    worker = Process(name, args, env, log_dir).start()
+    wait_for(lambda: "ready." in worker.log() or worker.proc.poll() is not None, timeout=60)
+    assert worker.proc.poll() is None, worker.log()
+    return worker
+
+
+def start_beat(env: dict[str, str], log_dir: Path, name: str = "beat") -> Process:
+    beat = Process(
+        name,
         [
             sys.executable,
             "-m",
             "celery",
             "-A",
             "workers.app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            str(concurrency),
-            "-B",
+            "beat",
             "-s",
-            str(log_dir / "beat-schedule"),
-            "-Q",
-            env["SKILLPAY_CELERY_QUEUE"],
-            "--without-mingle",
-            "--without-gossip",
+            str(log_dir / f"{name}-schedule"),
             "--loglevel",
             "INFO",
         ],
         env,
         log_dir,
     ).start()
-    wait_for(lambda: "ready." in worker.log() or worker.proc.poll() is not None, timeout=60)
-    assert worker.proc.poll() is None, worker.log()
-    return worker
+    wait_for(lambda: "beat: Starting" in beat.log() or beat.proc.poll() is not None, timeout=60)
+    assert beat.proc.poll() is None, beat.log()
+    return beat
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from models import DeadLetter, Enrollment, EnrollmentHistory, WebhookEvent
 from models.db import driver_url
 from tests.integration.conftest import start_web, start_worker
-from tests.servers import OwnPostgres, OwnRedis, restart_after
+from tests.servers import OwnPostgres, OwnRabbitMQ, OwnRedis, restart_after
 from tests.support import many_card_payments, signed, wait_for
 
 pytestmark = pytest.mark.integration
@@ -120,20 +120,24 @@ def replay_dead_letters(stack) -> None:
     wait_for(lambda: settled(stack["engine"], total), timeout=120, interval=0.5)
 
 
-@pytest.fixture
-def own_stack(tmp_path, base_env):
-    """PostgreSQL, Redis (as broker and for pushes), web and a worker of this test's own."""
+@pytest.fixture(params=["redis"])
+def own_stack(request, tmp_path, base_env):
+    """PostgreSQL, Redis (for pushes, and as the broker unless the test asks for a RabbitMQ
+    node), web and workers of this test's own."""
     pg = OwnPostgres().init()
     rd = OwnRedis(tmp_path).start()
+    rabbit = OwnRabbitMQ().start() if request.param == "rabbitmq" else None
     from migrations import upgrade
 
     upgrade(pg.url)
-    env = dict(base_env, DATABASE_URL=pg.url, CELERY_BROKER_URL=rd.url, REDIS_URL=rd.url)
+    broker = rabbit.url if rabbit else rd.url
+    env = dict(base_env, DATABASE_URL=pg.url, CELERY_BROKER_URL=broker, REDIS_URL=rd.url)
     web, base = start_web(env, tmp_path)
     engine = create_engine(driver_url(pg.url), pool_pre_ping=True)
     stack = {
         "pg": pg,
         "redis": rd,
+        "rabbitmq": rabbit,
         "env": env,
         "web": base,
         "engine": engine,
@@ -155,9 +159,12 @@ def own_stack(tmp_path, base_env):
     web.stop()
     engine.dispose()
     rd.stop()
+    if rabbit:
+        rabbit.remove()
     pg.remove()
 
 
+@pytest.mark.parametrize("own_stack", ["redis", "rabbitmq"], indirect=True)
 def test_worker_killed_every_few_seconds_during_1000_callbacks(own_stack):
     engine = own_stack["engine"]
     with Session(engine) as s:
@@ -179,10 +186,17 @@ def test_worker_killed_every_few_seconds_during_1000_callbacks(own_stack):
     assert_each_applied_once(engine, payments)
 
 
-@pytest.mark.parametrize("server", ["redis", "pg"], ids=["redis-restart", "postgres-restart"])
+@pytest.mark.parametrize(
+    ("own_stack", "server"),
+    [("redis", "redis"), ("redis", "pg"), ("rabbitmq", "rabbitmq")],
+    ids=["redis-restart", "postgres-restart", "rabbitmq-node-killed"],
+    indirect=["own_stack"],
+)
 def test_server_stopped_and_restarted_during_the_stream(own_stack, server):
     """Redis down: the receiver still stores (200) and the sweeper enqueues later.
-    PostgreSQL down: the receiver answers 503 and the sender delivers again."""
+    PostgreSQL down: the receiver answers 503 and the sender delivers again.
+    The RabbitMQ node SIGKILLed: what it confirmed is on disk in the quorum queue; what it
+    did not, the sweeper sends again."""
     engine = own_stack["engine"]
     with Session(engine) as s:
         payments = many_card_payments(s, 300)

@@ -133,3 +133,40 @@ def test_the_placeholder_secret_stays_on_loopback_outside_explicit_development()
     assert Settings.from_env(public | {"IKHOKHA_APP_SECRET": "own-secret"}).problems() == []
     assert Settings.from_env({"APP_ENV": "test"}).problems() == []  # 127.0.0.1
     assert Settings.from_env(public | {"APP_ENV": "development"}).problems() == []
+
+
+RABBIT = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.mark.parametrize(
+    ("broker", "change", "named"),
+    [
+        ("redis://r:6379/0", {"broker_visibility_timeout": 100}, "VISIBILITY_TIMEOUT"),
+        (RABBIT, {"broker_consumer_timeout": 500}, "CONSUMER_TIMEOUT"),
+        (RABBIT, {"task_time_limit_seconds": 1000}, "CONSUMER_TIMEOUT"),
+        (RABBIT, {"broker_delivery_limit": 6}, "DELIVERY_LIMIT"),
+        (RABBIT, {"pipeline_max_redeliveries": 0}, "MAX_REDELIVERIES"),
+    ],
+)
+def test_broker_settings_that_would_hand_a_held_message_to_a_second_worker_are_refused(
+    broker, change, named
+):
+    assert Settings(celery_broker_url=broker).broker_problems() == []
+    problems = Settings(celery_broker_url=broker, **change).broker_problems()
+    assert len(problems) == 1 and named in problems[0]
+
+
+def test_rabbitmq_gets_a_quorum_queue_with_a_delivery_limit_and_publisher_confirms():
+    from workers.celery_app import task_queue, transport_options
+
+    rabbit = Settings(celery_broker_url=RABBIT, celery_queue="q", broker_delivery_limit=9)
+    queue = task_queue(rabbit)
+    assert queue.durable and queue.exchange.type == "topic"  # native delayed delivery
+    assert queue.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 9}
+    assert transport_options(rabbit) == {"confirm_publish": True}
+    classic = Settings(celery_broker_url=RABBIT, broker_quorum_queues=False)
+    assert not task_queue(classic).queue_arguments
+    redis = Settings(celery_broker_url="redis://r:6379/0")
+    assert not task_queue(redis).queue_arguments
+    assert transport_options(redis)["visibility_timeout"] == redis.broker_visibility_timeout
+    assert Settings(celery_broker_url="sqla+sqlite:///x.db").broker_kind == "embedded"

@@ -41,6 +41,26 @@ def test_compose_runs_the_procfile_commands_and_the_servers():
     assert app_env["CELERY_BROKER_URL"].startswith("redis://")
 
 
+def test_the_rabbitmq_option_gives_every_process_the_same_broker_and_changes_no_command():
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    override = yaml.safe_load((ROOT / "docker-compose.rabbitmq.yml").read_text())["services"]
+    apps = {"migrate", *({"release": "migrate"}.get(name, name) for name in procfile())}
+    assert set(override) == apps | {"rabbitmq"}
+    for name in apps:
+        broker = override[name]["environment"]["CELERY_BROKER_URL"]
+        assert broker.startswith("amqp://") and "${RABBITMQ_PASSWORD:?" in broker, name
+        assert "command" not in override[name], name  # the Procfile's command stays
+        assert override[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+        assert base[name]["depends_on"]  # merged with the base file's, not replacing it
+    rabbitmq = override["rabbitmq"]
+    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"].startswith("${RABBITMQ_PASSWORD:?")
+    assert "healthcheck" in rabbitmq and rabbitmq["volumes"]
+    # The consumer timeout the server enforces is the one validate-config checks against.
+    timeout_ms = rabbitmq["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()[-1]
+    seconds = override["worker"]["environment"]["SKILLPAY_BROKER_CONSUMER_TIMEOUT"]
+    assert int(timeout_ms) == int(seconds) * 1000
+
+
 def test_what_is_deployed_fails_closed():
     """A deployment that forgets APP_ENV runs as production (and so refuses to start without
     real credentials); nothing with open test controls is deployable; Flower is on loopback."""

@@ -3,8 +3,13 @@ retry what is transient, dead-letter the rest, send the next stage after commit.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from celery.exceptions import Retry
+from freezegun import freeze_time
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -31,13 +36,14 @@ def event(session, settings):
     return event
 
 
-def run(celery, mocker, name, *args, retries=0):
-    """Run a task's body as a worker would on its (retries+1)th delivery."""
+def run(celery, mocker, name, *args, retries=0, redelivered=False, **kwargs):
+    """Run a task's body as a worker would on its (retries+1)th delivery; `redelivered`: the
+    broker hands the message out again (its worker died holding it)."""
     task = celery.tasks[name]
     retry = mocker.patch.object(task, "retry", side_effect=Retry())
-    task.push_request(retries=retries)
+    task.push_request(retries=retries, delivery_info={"redelivered": redelivered})
     try:
-        task.run(*args)
+        task.run(*args, **kwargs)
     finally:
         task.pop_request()
     return retry
@@ -140,7 +146,6 @@ def test_check_payment_feeds_ikhokhas_answer_into_the_pipeline(celery, session, 
 
 
 def test_the_sweeper_waits_while_the_queue_has_a_backlog(celery, session, settings, mocker):
-    from dataclasses import replace
 
     _, payment = make_enrollment(session)
     event = stored_callback(session, settings, callback_body(payment))
@@ -152,3 +157,86 @@ def test_the_sweeper_waits_while_the_queue_has_a_backlog(celery, session, settin
     celery.queue.queued = 3
     run(celery, mocker, "skillpay.sweep_stalled_work")
     assert celery.queue.sent == [("stage", event.id, "signature_check")]
+
+
+def test_a_message_that_keeps_coming_back_ends_in_the_dead_letter_table(
+    celery, session, event, settings, mocker
+):
+    name = "skillpay.stage.signature_check"
+    died = mocker.patch("pipeline.runner.run_stage", side_effect=SystemExit)
+    for _ in range(settings.pipeline_max_redeliveries):
+        # Each time, the worker running it died (SystemExit stands in for SIGKILL here).
+        with pytest.raises(SystemExit):
+            run(celery, mocker, name, event.id, redelivered=True)
+    assert died.call_count == settings.pipeline_max_redeliveries
+    run(celery, mocker, name, event.id, redelivered=True)
+    assert died.call_count == settings.pipeline_max_redeliveries  # not run once more: buried
+    session.expire_all()
+    letter = session.scalar(select(DeadLetter).where(DeadLetter.event_id == event.id))
+    assert (letter.stage, letter.error_code) == ("signature_check", "redelivery_limit")
+    assert letter.attempts == settings.pipeline_max_redeliveries + 1
+    assert session.get(WebhookEvent, event.id).state == "dead"
+    assert celery.queue.sent == []
+
+
+def test_a_stage_that_finishes_clears_its_redelivery_count(celery, session, event, mocker):
+    run(celery, mocker, "skillpay.stage.signature_check", event.id, redelivered=True)
+    session.expire_all()
+    stored = session.get(WebhookEvent, event.id)
+    assert (stored.stage, stored.redeliveries) == ("payment_type_detection", 0)
+
+
+def test_a_redelivered_message_for_a_stage_already_done_sends_the_current_stage(
+    celery, session, event, mocker
+):
+    # The first holder committed the stage, then died before sending the next message: its
+    # message comes back, and the event must not wait for the sweeper.
+    name = "skillpay.stage.signature_check"
+    run(celery, mocker, name, event.id)
+    celery.queue.sent.clear()  # the next message is lost with the worker
+    run(celery, mocker, name, event.id)
+    assert celery.queue.sent == []  # a plain duplicate: whoever ran it sent what follows
+    run(celery, mocker, name, event.id, redelivered=True)
+    assert celery.queue.sent == [("stage", event.id, "payment_type_detection")]
+
+
+def test_a_failed_stage_is_not_stalled_until_its_retry_is_due(
+    celery, session, event, settings, mocker
+):
+    mocker.patch(
+        "pipeline.runner.run_stage", side_effect=OperationalError("SELECT", {}, Exception("gone"))
+    )
+    with pytest.raises(Retry):
+        run(celery, mocker, "skillpay.stage.signature_check", event.id)
+    mocker.stopall()
+    session.expire_all()
+    stored = session.get(WebhookEvent, event.id)
+    assert stored.retry_at > stored.updated_at
+    celery.settings = replace(settings, pipeline_stale_after_seconds=0.0)
+    celery.queue.queued = 0
+    run(celery, mocker, "skillpay.sweep_stalled_work")
+    assert celery.queue.sent == []  # its retry is on its way
+    with freeze_time(stored.retry_at + timedelta(seconds=1), tick=True):
+        run(celery, mocker, "skillpay.sweep_stalled_work")
+    assert celery.queue.sent == [("stage", event.id, "signature_check")]
+
+
+def test_scheduled_work_runs_once_per_period_however_many_beats_send_it(
+    celery, session, settings, mocker
+):
+    celery.settings = replace(settings, pipeline_stale_after_seconds=-1)
+    celery.queue.queued = 0
+    _, payment = make_enrollment(session)
+    event = stored_callback(session, settings, callback_body(payment))
+    session.commit()
+    sweep = "skillpay.sweep_stalled_work"
+    soon = datetime.fromtimestamp((time.time() // 30 + 1) * 30 + 5, UTC)  # 5 s into a period
+    with freeze_time(soon):
+        run(celery, mocker, sweep, period_seconds=30.0)  # beat one
+        run(celery, mocker, sweep, period_seconds=30.0)  # beat two, same period: nothing
+        assert celery.queue.sent == [("stage", event.id, "signature_check")]
+        run(celery, mocker, sweep)  # sent by hand: always runs
+        assert len(celery.queue.sent) == 2
+    with freeze_time(soon + timedelta(seconds=30)):
+        run(celery, mocker, sweep, period_seconds=30.0)  # the next period
+    assert len(celery.queue.sent) == 3
