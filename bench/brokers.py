@@ -55,8 +55,7 @@ def approved(engine, ids: list[str]) -> tuple[int, float | None]:
 
 def recovery(env: dict[str, str], port: int, engine, n: int) -> dict[str, float]:
     """Send n callbacks; once a third are approved, SIGKILL the worker (and its beat) and
-    start another at once. Seconds from the kill, and from the new worker's start, to the
-    last approval."""
+    start another at once. Seconds from the kill to the last approval."""
     queue = env["SKILLPAY_CELERY_QUEUE"]
     beat = ("-B", "-s", f"/tmp/skillpay-bench-beat-{os.getpid()}-{time.monotonic_ns()}")
     worker = celery_worker("workers.app", queue, env, *beat)
@@ -70,7 +69,6 @@ def recovery(env: dict[str, str], port: int, engine, n: int) -> dict[str, float]
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait()
         worker.log.close()
-        restarted = time.time()
         worker = celery_worker("workers.app", queue, env, *beat)
         sending.get()
     try:
@@ -82,7 +80,7 @@ def recovery(env: dict[str, str], port: int, engine, n: int) -> dict[str, float]
             raise RuntimeError(f"only {count} of {n} approved after the kill")
     finally:
         worker.stop()
-    return {"kill_to_last_s": last - killed, "restart_to_last_s": last - restarted}
+    return {"kill_to_last_s": last - killed}
 
 
 def run_broker(name: str, url: str, engine, env: dict[str, str], quick: bool) -> dict:
@@ -118,7 +116,6 @@ def write_section(results: dict[str, dict], command: str) -> None:
         ("idle p99 (ms)", "idle_p99_ms", "{:.1f}"),
         ("sustained events/s", "throughput", "{:.0f}"),
         ("worker killed: kill to last approval (s)", "kill_to_last_s", "{:.1f}"),
-        ("worker killed: new worker started to last approval (s)", "restart_to_last_s", "{:.1f}"),
     ]
     lines = [
         MARK_START,
@@ -130,8 +127,10 @@ def write_section(results: dict[str, dict], command: str) -> None:
         "over HTTP to its approved enrollment, on a prefork worker with 2 processes (idle: "
         "one at a time; sustained: a burst). RabbitMQ runs a quorum queue with publisher "
         "confirms; Redis the default list queue. Recovery: a burst of callbacks, the worker "
-        "(with its beat) SIGKILLed once a third are approved, a new one started at once "
-        "(about 4 s to start); the default sweeper settings (stale after 20 s, every 5 s).",
+        "(with its beat) SIGKILLed once a third are approved, a new one started at once; "
+        "the default sweeper settings (stale after 20 s, every 5 s). On RabbitMQ the dead "
+        "worker's messages come back when its connection drops; on Redis they stay invisible "
+        "and the sweeper re-drives their events.",
         "",
         "| | Redis | RabbitMQ | RabbitMQ / Redis |",
         "| --- | ---: | ---: | ---: |",
