@@ -22,7 +22,6 @@ from bench.run import (
     ADMIN_URL,
     APP_ID,
     REDIS_URL,
-    ROOT,
     SECRET,
     _post_many,
     _seed_payments,
@@ -30,6 +29,7 @@ from bench.run import (
     free_port,
     gunicorn,
     measure_pipeline,
+    replace_marked_section,
 )
 from bench.stream import _commit
 
@@ -141,14 +141,7 @@ def write_section(results: dict[str, dict], command: str) -> None:
             f"| {label} | {fmt.format(redis_[key])} | {fmt.format(rabbit[key])} | {ratio:.2f} |"
         )
     lines += ["", MARK_END]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        head, _, rest = text.partition(MARK_START)
-        text = head + "\n".join(lines) + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    replace_marked_section(MARK_START, MARK_END, lines)
 
 
 def main() -> None:

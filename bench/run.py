@@ -40,6 +40,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def replace_marked_section(start: str, end: str, lines: list[str]) -> None:
+    """Write `lines` (which begin with `start` and end with `end`) into docs/benchmarks.md in
+    place of the section between those markers, or at the end; the rest stays as it is."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        head, _, rest = text.partition(start)
+        text = head + "\n".join(lines) + rest.partition(end)[2]
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    path.write_text(text)
+
+
 def free_port() -> int:
     import socket
 

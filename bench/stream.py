@@ -23,7 +23,16 @@ import aiohttp
 import redis
 import redis.asyncio as aioredis
 
-from bench.run import ADMIN_URL, REDIS_URL, ROOT, Server, free_port, gunicorn, pct
+from bench.run import (
+    ADMIN_URL,
+    REDIS_URL,
+    ROOT,
+    Server,
+    free_port,
+    gunicorn,
+    pct,
+    replace_marked_section,
+)
 
 MARK_START, MARK_END = "<!-- stream:start -->", "<!-- stream:end -->"
 
@@ -197,14 +206,7 @@ def write_section(rows: list[dict], memory: dict, command: str) -> None:
         "stream**. Target: p99 under 50 ms with 2,000 streams open.",
         MARK_END,
     ]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        head, _, rest = text.partition(MARK_START)
-        text = head + "\n".join(lines) + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    replace_marked_section(MARK_START, MARK_END, lines)
 
 
 def main() -> None:
