@@ -81,7 +81,7 @@ class Settings:
     # A stage message the broker hands out again because its worker died holding it counts;
     # past this many, the event is dead-lettered instead of crashing workers for ever.
     pipeline_max_redeliveries: int = 5
-    # A task running longer than this is killed (its message comes back, and counts).
+    # A task running longer than this is killed; the sweeper re-drives its event or bulk job.
     task_time_limit_seconds: float = 300.0
     celery_queue: str = "skillpay"
     # Payment-type detection: below this confidence a card SUCCESS waits for an admin.
