@@ -13,25 +13,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import signal
 import time
-from datetime import UTC, datetime
 
 from bench.run import (
-    ADMIN_URL,
     APP_ID,
     REDIS_URL,
     SECRET,
+    BenchDatabase,
     _post_many,
     _seed_payments,
     celery_worker,
     free_port,
     gunicorn,
     measure_pipeline,
+    provenance,
     replace_marked_section,
 )
-from bench.stream import _commit
 
 RABBITMQ_URL = os.environ.get("SKILLPAY_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BROKERS = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
@@ -121,8 +119,7 @@ def write_section(results: dict[str, dict], command: str) -> None:
         MARK_START,
         "## Brokers: Redis and RabbitMQ side by side",
         "",
-        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-        f"{platform.python_version()}, commit {_commit()}. Command: `{command}`.",
+        provenance(command),
         "The same pipeline on each broker, one after the other in one run: a signed callback "
         "over HTTP to its approved enrollment, on a prefork worker with 2 processes (idle: "
         "one at a time; sustained: a burst). RabbitMQ runs a quorum queue with publisher "
@@ -148,15 +145,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     from models.db import driver_url
 
-    name = f"skillpay_broker_bench_{os.getpid()}"
-    admin = create_engine(driver_url(ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    database_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    database = BenchDatabase("skillpay_broker_bench")
+    database_url = database.url
     env = dict(
         os.environ,
         APP_ENV="test",
@@ -168,9 +162,6 @@ def main() -> None:
     )
     os.environ.update(env)
     try:
-        from migrations import upgrade
-
-        upgrade(database_url)
         engine = create_engine(driver_url(database_url))
         results = {
             broker: run_broker(broker, url, engine, env, args.quick)
@@ -180,9 +171,7 @@ def main() -> None:
         command = ".venv/bin/python -m bench.brokers" + (" --quick" if args.quick else "")
         write_section(results, command)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        database.drop()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,50 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+class BenchDatabase:
+    """A new PostgreSQL database on ADMIN_URL's server, migrated, for one benchmark run;
+    `drop()` removes it."""
+
+    def __init__(self, prefix: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        from migrations import upgrade
+        from models.db import driver_url
+
+        self.name = f"{prefix}_{os.getpid()}"
+        self.url = urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + self.name))
+        self._admin = create_engine(driver_url(ADMIN_URL), isolation_level="AUTOCOMMIT")
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+        try:
+            upgrade(self.url)
+        except BaseException:
+            self.drop()
+            raise
+
+    def drop(self) -> None:
+        from sqlalchemy import text
+
+        with self._admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self._admin.dispose()
+
+
+def commit_id() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def provenance(command: str) -> str:
+    """When, where and from which commit a table was measured, and the command that did it."""
+    return (
+        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
+        f"{platform.python_version()}, commit {commit_id()}. Command: `{command}`."
+    )
+
+
 def replace_marked_section(start: str, end: str, lines: list[str]) -> None:
     """Write `lines` (which begin with `start` and end with `end`) into docs/benchmarks.md in
     place of the section between those markers, or at the end; the rest stays as it is."""
@@ -471,8 +515,7 @@ def write_report(receiver: list[dict], pipeline: dict, bulk_result: dict, comman
     lines = [
         "# Benchmarks",
         "",
-        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, {platform.python_version()}, "
-        "PostgreSQL and Redis on the same machine (loopback). Command: `" + command + "`.",
+        provenance(command) + " PostgreSQL and Redis on the same machine (loopback).",
         "This machine is noisy and the load generator shares its 2 cores with the servers: "
         "read ratios and medians, not absolute numbers.",
         "",
@@ -568,15 +611,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     args = parser.parse_args()
 
-    from sqlalchemy import create_engine, text
-
-    name = f"skillpay_bench_{os.getpid()}"
-    admin = create_engine(
-        ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    database_url = urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + name))
+    database = BenchDatabase("skillpay_bench")
+    database_url = database.url
     env = dict(
         os.environ,
         APP_ENV="test",
@@ -591,10 +627,8 @@ def main() -> None:
     )
     os.environ.update(env)
     try:
-        from migrations import upgrade
         from models import configure_database, get_engine
 
-        upgrade(database_url)
         configure_database(database_url)
         engine = get_engine()
         duration = 3.0 if args.quick else 6.0
@@ -608,9 +642,7 @@ def main() -> None:
         write_report(receiver, pipeline, bulk_result, command)
         print(json.dumps({"written": "docs/benchmarks.md"}), flush=True)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        database.drop()
 
 
 if __name__ == "__main__":

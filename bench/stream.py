@@ -12,11 +12,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -24,13 +22,13 @@ import redis
 import redis.asyncio as aioredis
 
 from bench.run import (
-    ADMIN_URL,
     REDIS_URL,
-    ROOT,
+    BenchDatabase,
     Server,
     free_port,
     gunicorn,
     pct,
+    provenance,
     replace_marked_section,
 )
 
@@ -169,22 +167,12 @@ async def bare(redis_url: str, idle: int, n: int) -> dict:
     return {"p50_ms": pct(latencies, 50) * 1000, "p99_ms": pct(latencies, 99) * 1000}
 
 
-def _commit() -> str:
-    import subprocess
-
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def write_section(rows: list[dict], memory: dict, command: str) -> None:
     lines = [
         MARK_START,
         "## Live stream: committed change to event at a client",
         "",
-        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-        f"{platform.python_version()}, commit {_commit()}. Command: `{command}`.",
+        provenance(command),
         "Ours: an admin approval committed in PostgreSQL, published to Redis after commit, read "
         "by the stream process's hub, which loads the notification and the enrollment once and "
         "writes the event to the admins' open stream. Bare: a Redis PUBLISH read by one "
@@ -218,15 +206,8 @@ def main() -> None:
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20_000), hard))
-    from sqlalchemy import create_engine, text
-
-    from models.db import driver_url
-
-    name = f"skillpay_stream_bench_{os.getpid()}"
-    admin_db = create_engine(driver_url(ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with admin_db.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    database_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    database = BenchDatabase("skillpay_stream_bench")
+    database_url = database.url
     port = free_port()
     env = dict(
         os.environ,
@@ -240,10 +221,8 @@ def main() -> None:
     server = None
     try:
         from config import Settings
-        from migrations import upgrade
         from models import configure_database
 
-        upgrade(database_url)
         configure_database(database_url)
         settings = Settings.from_env()
         admin, students, ids = make_users(idle_n, 2 * samples)
@@ -300,9 +279,7 @@ def main() -> None:
         from models import reset_engine
 
         reset_engine()
-        with admin_db.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin_db.dispose()
+        database.drop()
 
 
 if __name__ == "__main__":
