@@ -1,10 +1,11 @@
-"""PostgreSQL and Redis instances of a test's own, on free ports, that it may stop and start."""
+"""PostgreSQL, Redis and RabbitMQ instances of a test's own, on free ports, that it may stop and start."""
 
 from __future__ import annotations
 
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -194,7 +195,7 @@ class OwnRabbitMQ:
     def stop(self) -> None:
         """SIGKILL the node (every process of its group): a crash, not a shutdown."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def remove(self) -> None:
