@@ -40,8 +40,35 @@ class SkillpayCelery(Celery):
         return TaskQueue(self)
 
 
+def keep_unacked_redis_messages_when_the_connection_is_gone() -> None:
+    """kombu's Redis channel, closed after its broker connection dropped, puts its
+    unacknowledged messages back through a connection object that no longer exists: an
+    AttributeError, which Celery takes as fatal, and the worker exits mid-outage (kombu's
+    `_connparams` on `connection.client is None`; tests/unit/test_tasks.py reproduces it).
+    Those messages are safe where they are, in Redis's unacked hash (delivered again after the
+    visibility timeout), and the sweeper re-drives their events sooner; so with no connection
+    left, leave them there and let the worker reconnect."""
+    from kombu.transport import redis as kombu_redis
+
+    restore = kombu_redis.QoS.restore_unacked
+    if getattr(restore, "skillpay_guarded", False):
+        return
+
+    def restore_unacked(qos: kombu_redis.QoS, client: object = None) -> None:
+        if client is None and qos.channel.connection.client is None:
+            log.warning("broker.unacked_left_for_redelivery", messages=len(qos._delivered))
+            qos._delivered.clear()
+            return
+        restore(qos, client)
+
+    restore_unacked.skillpay_guarded = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
 def make_celery(settings: Settings) -> SkillpayCelery:
     settings.check()  # a worker refuses an unsafe configuration too
+    if settings.broker_kind == "redis":
+        keep_unacked_redis_messages_when_the_connection_is_gone()
     configure_database(settings.database_url, settings.db_lock_timeout_ms)
     app = SkillpayCelery(settings, broker=settings.celery_broker_url)
     app.conf.update(

@@ -240,3 +240,27 @@ def test_scheduled_work_runs_once_per_period_however_many_beats_send_it(
     with freeze_time(soon + timedelta(seconds=30)):
         run(celery, mocker, sweep, period_seconds=30.0)  # the next period
     assert len(celery.queue.sent) == 3
+
+
+def test_a_redis_channel_closing_after_its_connection_dropped_does_not_kill_the_worker(settings):
+    """kombu would raise AttributeError here (fatal to a Celery worker) while putting back a
+    message it holds; the message stays in Redis's unacked hash instead."""
+    import redis as redis_client
+    from kombu import Connection
+
+    from tests.support import REDIS_URL
+    from workers.celery_app import keep_unacked_redis_messages_when_the_connection_is_gone
+
+    keep_unacked_redis_messages_when_the_connection_is_gone()
+    queue = f"skillpay-unacked-{time.monotonic_ns()}"
+    with Connection(REDIS_URL) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue)
+        channel.basic_publish(channel.prepare_message("event 1"), exchange="", routing_key=queue)
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        channel._disconnect_pools()
+        channel.connection.client = None  # what a dropped connection leaves behind
+        channel.qos.restore_unacked_once()  # raised AttributeError before
+        unacked = redis_client.Redis.from_url(REDIS_URL).hget("unacked", message.delivery_tag)
+        assert unacked is not None  # still held for redelivery, not lost
