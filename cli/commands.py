@@ -281,9 +281,11 @@ def dlq_replay(settings: Settings, letter_id: int, from_stage: str | None) -> No
 @click.option("--older-than-minutes", type=click.IntRange(min=0), default=5, show_default=True)
 @pass_settings
 def reconcile_cmd(settings: Settings, older_than_minutes: int) -> None:
-    """Ask iKhokha about card payments still waiting, and feed final answers to the pipeline."""
+    """Reconcile with iKhokha both ways and print the report: payments iKhokha reports paid
+    that no callback brought (fed to the pipeline), approvals iKhokha does not confirm
+    (flagged for an admin, never revoked), amount mismatches, and errors. Exit 1 on errors."""
     from models import session_scope
-    from pipeline.reconcile import reconcile
+    from pipeline.reconcile import KINDS, reconcile
 
     celery = _celery(settings)
     with session_scope() as session:
@@ -293,16 +295,176 @@ def reconcile_cmd(settings: Settings, older_than_minutes: int) -> None:
             celery.gateway,
             celery.queue.stage,
             older_than=timedelta(minutes=older_than_minutes),
+            trigger="cli",
         )
-    click.echo(
-        f"checked {report.checked}, fed {len(report.fed)} to the pipeline, "
-        f"unchanged {report.unchanged}, errors {len(report.errors)}",
-        err=True,
-    )
-    for error in report.errors:
-        click.echo(f"  {error}", err=True)
+        lines = [(f.kind, f.detail) for f in report.findings]
+    click.echo(f"reconciliation run {report.run_id}: checked {report.checked} payment(s)")
+    for kind, label in KINDS.items():
+        click.echo(f"  {label}: {report.count(kind)}")
+        for found_kind, detail in lines:
+            if found_kind == kind:
+                click.echo(f"    {detail}")
     if report.errors:
         sys.exit(1)
+
+
+def _admin(email: str):
+    """The admin a command acts as (recorded as who did it)."""
+    from models import User, session_scope
+
+    with session_scope() as session:
+        admin = session.scalar(select(User).where(User.email == email.strip().lower()))
+        if admin is None or not admin.is_admin:
+            _fail(f"{email} is not an admin")
+        session.expunge(admin)
+    return admin
+
+
+admin_option = click.option(
+    "--admin", "admin_email", required=True, help="The admin's e-mail: recorded as who did it."
+)
+
+
+@main.command("refund")
+@click.argument("enrollment_id", type=click.IntRange(min=1))
+@click.option("--reason", required=True, help="Why; the student sees it.")
+@click.option(
+    "--amount-cents",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A partial refund, which keeps access (default: all that is left, which ends it).",
+)
+@click.option("--idempotency-key", default=None, help="Run again with the same key: one refund.")
+@admin_option
+@pass_settings
+def refund_cmd(
+    settings: Settings,
+    enrollment_id: int,
+    reason: str,
+    amount_cents: int | None,
+    idempotency_key: str | None,
+    admin_email: str,
+) -> None:
+    """Refund an approved enrollment (SKILLPAY_REFUND_MODE says how: record one made in
+    iKhokha's dashboard, or ask the gateway). Prints the refund's id."""
+    from models import session_scope
+    from pipeline.errors import SkillpayError
+    from pipeline.refunds import refund_enrollment
+
+    admin = _admin(admin_email)
+    gateway = _celery(settings).gateway
+    try:
+        with session_scope() as session:
+            result = refund_enrollment(
+                session,
+                settings,
+                gateway,
+                enrollment_id,
+                admin,
+                reason=reason,
+                amount_cents=amount_cents,
+                idempotency_key=idempotency_key,
+            )
+            refund = result.refund
+            summary = (
+                f"{'refunded' if result.created else 'already refunded'}: "
+                f"{refund.amount_cents} cents of enrollment {enrollment_id} "
+                f"({'full: access ended' if refund.is_full else 'partial: access kept'}; "
+                f"{refund.mode}, {refund.state})"
+            )
+            refund_id = refund.id
+    except SkillpayError as exc:
+        _fail(exc.message)
+    click.echo(summary, err=True)
+    click.echo(refund_id)
+
+
+@main.group()
+def statements() -> None:
+    """Bank statements: import one, see what it matches, confirm the exact matches."""
+
+
+@statements.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["csv", "ofx"]), default=None)
+@admin_option
+@pass_settings
+def statements_import(settings: Settings, file: str, fmt: str | None, admin_email: str) -> None:
+    """Import a statement (CSV or OFX) and print each line's proposed match."""
+    from pathlib import Path
+
+    from models import session_scope
+    from pipeline.errors import SkillpayError
+    from pipeline.statements import import_statement, rand
+
+    admin = _admin(admin_email)
+    path = Path(file)
+    try:
+        with session_scope() as session:
+            imported = import_statement(session, settings, admin, path.read_bytes(), path.name, fmt)
+            statement = imported.statement
+            rows = [
+                (
+                    line.line_no,
+                    line.booked_on.isoformat(),
+                    rand(line.amount_cents),
+                    line.match,
+                    line.enrollment_id or "",
+                    line.reason,
+                )
+                for line in imported.lines
+            ]
+            head = (
+                f"statement {statement.id}: {statement.line_count} line(s), "
+                f"{statement.already_imported} imported before"
+                if imported.created
+                else f"statement {statement.id} was imported before: nothing imported again"
+            )
+            statement_id = statement.id
+    except SkillpayError as exc:
+        _fail(exc.message)
+    click.echo(head, err=True)
+    click.echo(
+        f"{'line':>5} {'date':<10} {'amount':>14} {'match':<15} {'enr':>6}  reason", err=True
+    )
+    for n, day, amount, match, enrollment, reason in rows:
+        click.echo(f"{n:>5} {day:<10} {amount:>14} {match:<15} {enrollment!s:>6}  {reason}")
+    exact = sum(1 for row in rows if row[3] == "exact")
+    if exact:
+        click.echo(
+            f"{exact} exact match(es): skillpay statements confirm {statement_id} "
+            f"--admin {admin_email}",
+            err=True,
+        )
+
+
+@statements.command("confirm")
+@click.argument("statement_id", type=click.IntRange(min=1))
+@admin_option
+@pass_settings
+def statements_confirm(settings: Settings, statement_id: int, admin_email: str) -> None:
+    """Approve the statement's exact matches in one bulk job; print the job's id."""
+    from models import session_scope
+    from pipeline.errors import SkillpayError
+    from pipeline.statements import confirm_matches
+
+    admin = _admin(admin_email)
+    queue = _celery(settings).queue
+    try:
+        with session_scope() as session:
+            confirmed = confirm_matches(session, statement_id, admin, queue.bulk_job)
+            job_id = confirmed.job.id if confirmed.job else None
+    except SkillpayError as exc:
+        _fail(exc.message)
+    if job_id is None:
+        click.echo("nothing left to confirm", err=True)
+        return
+    click.echo(
+        f"{len(confirmed.line_ids)} line(s) confirmed; a worker approves them "
+        f"(GET /api/admin/jobs/{job_id})",
+        err=True,
+    )
+    click.echo(job_id)
 
 
 @main.command("callback")

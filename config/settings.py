@@ -50,6 +50,10 @@ class Settings:
     ikhokha_gateway: str = "http"
     # Confirm a SUCCESS callback with iKhokha's status endpoint before granting access.
     ikhokha_confirm_with_status: bool = False
+    # Refunds (unverified API, see pipeline/refunds.py): "record" a refund an admin made in
+    # iKhokha's dashboard, or "api" to have the gateway make it at IKHOKHA_REFUND_PATH.
+    refund_mode: str = "record"
+    ikhokha_refund_path: str = "/public-api/v1/api/payments/{paylink_id}/refunds"
     ikhokha_connect_timeout: float = 3.05
     ikhokha_read_timeout: float = 10.0
     public_base_url: str = "http://127.0.0.1:8000"
@@ -69,6 +73,23 @@ class Settings:
     sweep_max_queue_depth: int = 200
     # Ask iKhokha about card payments still waiting (a callback that never came).
     reconcile_interval_seconds: float = 600.0
+    # How far back reconciliation looks: approvals to confirm with iKhokha, and card
+    # enrollments that expired unpaid (a payment whose callback was lost).
+    reconcile_lookback_days: int = 7
+    # An EFT enrollment waiting this long for an admin is closed, with a notice to the student
+    # (0: never). Only plain bank transfers expire: one parked with money seen (an amount
+    # mismatch, a proposed statement match) waits for an admin however long it takes.
+    eft_approval_expiry_days: int = 14
+    # Bank statements (CSV): the header names to look for (comma-separated alternatives,
+    # case-insensitive) or 1-based column numbers for a file without a header, the date
+    # formats to try in order, and whether amounts use a decimal comma (1 234,56).
+    statement_date_columns: str = "date,transaction date,posting date,value date"
+    statement_description_columns: str = "description,details,narrative,reference,transaction"
+    statement_amount_columns: str = "amount,value,money in"
+    statement_date_formats: str = "%Y/%m/%d,%Y-%m-%d,%d/%m/%Y,%d-%m-%Y,%d %b %Y,%d %B %Y,%Y%m%d"
+    statement_decimal_comma: bool = False
+    # Empty: worked out from the file (comma, semicolon, tab or bar).
+    statement_delimiter: str = ""
     broker_visibility_timeout: int = 3600
     # RabbitMQ only: the task queue is a quorum queue (replicated; counts deliveries), and the
     # broker drops a message delivered more often than this. Skillpay moves an event to the
@@ -150,6 +171,7 @@ class Settings:
             "ikhokha_confirm_with_status": "IKHOKHA_CONFIRM_WITH_STATUS",
             "ikhokha_connect_timeout": "IKHOKHA_CONNECT_TIMEOUT",
             "ikhokha_read_timeout": "IKHOKHA_READ_TIMEOUT",
+            "ikhokha_refund_path": "IKHOKHA_REFUND_PATH",
             "flower_basic_auth": "FLOWER_BASIC_AUTH",
             "flower_auth_provider": "FLOWER_AUTH_PROVIDER",
             "stream_port": "STREAM_PORT",
@@ -207,6 +229,22 @@ class Settings:
         if self.ikhokha_gateway not in ("http", "memory"):
             found.append(
                 f"IKHOKHA_GATEWAY must be 'http' or 'memory', not {self.ikhokha_gateway!r}"
+            )
+        if self.refund_mode not in ("record", "api"):
+            found.append(
+                f"SKILLPAY_REFUND_MODE must be 'record' or 'api', not {self.refund_mode!r}"
+            )
+        if (
+            "{paylink_id}" not in self.ikhokha_refund_path
+            or not self.ikhokha_refund_path.startswith("/")
+        ):
+            found.append(
+                "IKHOKHA_REFUND_PATH must be a path starting with / and naming {paylink_id}"
+            )
+        if self.reconcile_lookback_days < 1 or self.eft_approval_expiry_days < 0:
+            found.append(
+                "SKILLPAY_RECONCILE_LOOKBACK_DAYS must be at least 1, "
+                "SKILLPAY_EFT_APPROVAL_EXPIRY_DAYS at least 0"
             )
         found.extend(self.broker_problems())
         if not 0 < self.card_min_confidence <= 1:

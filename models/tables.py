@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -178,6 +180,8 @@ class Payment(Base):
     gateway_status: Mapped[str | None] = mapped_column(String(32), default=None)
     # When a return page last had iKhokha asked about this payment (at most once a minute).
     status_checked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When reconciliation found iKhokha's word agreeing with an approval (asked once).
+    reconciled_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     enrollment: Mapped[Enrollment] = relationship()
@@ -319,3 +323,142 @@ class ScheduledRun(Base):
     task: Mapped[str] = mapped_column(String(64), primary_key=True)
     period: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Refund(Base):
+    """Money given back for an enrollment. A full refund (the rest of what was paid) ends
+    course access; a partial one keeps it. What is refunded never exceeds what was paid."""
+
+    __tablename__ = "refunds"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    payment_id: Mapped[str] = mapped_column(ForeignKey("payments.id"), index=True)
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    is_full: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    # recorded: an admin made it in iKhokha's dashboard or the bank; api: sent to the gateway.
+    mode: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # requested | done | failed
+    gateway_reference: Mapped[str | None] = mapped_column(String(128), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    admin_user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        UniqueConstraint("admin_user_id", "idempotency_key"),
+        # A payment is refunded in full at most once, whatever races.
+        Index(
+            "uq_refunds_full_per_payment",
+            "payment_id",
+            unique=True,
+            postgresql_where=text("is_full AND state <> 'failed'"),
+            sqlite_where=text("is_full AND state <> 'failed'"),
+        ),
+    )
+
+
+class EnrollmentFlag(Base):
+    """Something an admin must look at about an enrollment that no state says (an approval
+    iKhokha does not confirm, say). It puts the enrollment in the "needs attention" list and
+    never changes the enrollment itself; an admin clears it with a note."""
+
+    __tablename__ = "enrollment_flags"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[datetime | None] = mapped_column(default=None)
+    cleared_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    enrollment: Mapped[Enrollment] = relationship()
+
+    __table_args__ = (
+        # One open flag of a kind per enrollment: a daily check does not pile them up.
+        Index(
+            "uq_enrollment_flags_open",
+            "enrollment_id",
+            "kind",
+            unique=True,
+            postgresql_where=text("cleared_at IS NULL"),
+            sqlite_where=text("cleared_at IS NULL"),
+        ),
+    )
+
+
+class ReconciliationRun(Base):
+    """One reconciliation: what it checked and found, by kind."""
+
+    __tablename__ = "reconciliation_runs"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # beat | cli | admin
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    checked: Mapped[int] = mapped_column(Integer, default=0)
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ReconciliationFinding(Base):
+    __tablename__ = "reconciliation_findings"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("reconciliation_runs.id"), index=True)
+    # paid_not_enrolled | enrolled_not_paid | amount_mismatch | unknown_payment | error
+    kind: Mapped[str] = mapped_column(String(32))
+    # fed (into the pipeline) | flagged (for an admin) | reported
+    action: Mapped[str] = mapped_column(String(16))
+    enrollment_id: Mapped[int | None] = mapped_column(ForeignKey("enrollments.id"), default=None)
+    payment_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    detail: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BankStatement(Base):
+    """A bank statement an admin imported; its lines are matched to EFT enrollments."""
+
+    __tablename__ = "bank_statements"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    filename: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(8))  # csv | ofx
+    imported_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Lines in the file, and those already imported from another statement (overlapping).
+    line_count: Mapped[int] = mapped_column(Integer, default=0)
+    already_imported: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StatementLine(Base):
+    __tablename__ = "statement_lines"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    statement_id: Mapped[int] = mapped_column(ForeignKey("bank_statements.id"), index=True)
+    line_no: Mapped[int] = mapped_column(Integer)
+    booked_on: Mapped[date] = mapped_column(Date)
+    description: Mapped[str] = mapped_column(Text)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    # The same transaction in two overlapping exports has the same fingerprint.
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    reference: Mapped[str | None] = mapped_column(String(16), default=None)
+    # exact | amount_differs | amount_only | not_waiting | unmatched | ignored
+    match: Mapped[str] = mapped_column(String(16))
+    enrollment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("enrollments.id"), default=None, index=True
+    )
+    reason: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="proposed")  # proposed | confirmed
+    confirmed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    confirmed_at: Mapped[datetime | None] = mapped_column(default=None)
+    job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+
+    __table_args__ = (
+        # An enrollment is the exact match of one line at most, across every statement.
+        Index(
+            "uq_statement_lines_exact_enrollment",
+            "enrollment_id",
+            unique=True,
+            postgresql_where=text("match = 'exact'"),
+            sqlite_where=text("match = 'exact'"),
+        ),
+    )

@@ -130,3 +130,10 @@ def describe(exc: BaseException) -> tuple[str, str]:
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
     return type(exc).__name__, f"{type(exc).__name__}: {str(exc)[:500]}{where}"
+
+
+class Conflict(SkillpayError):
+    """Somebody else changed the same thing at the same moment; look again and retry."""
+
+    code = "conflict"
+    http_status = 409

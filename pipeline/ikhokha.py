@@ -80,6 +80,11 @@ class Gateway(Protocol):
 
     def payment_history(self, start_date: str, end_date: str) -> list[dict[str, Any]]: ...
 
+    def refund(self, paylink_id: str, amount_cents: int, reason: str, refund_id: str) -> str:
+        """Refund part or all of a paid link; returns the gateway's reference for it.
+        refund_id is ours, sent so that asking twice refunds once."""
+        ...
+
 
 def _error(kind: str, message: str, retryable: bool) -> GatewayError:
     return GatewayError(
@@ -98,6 +103,7 @@ class HttpGateway:
         self.app_id = settings.ikhokha_app_id
         self._secret = settings.ikhokha_app_secret
         self.mode = settings.ikhokha_mode
+        self.refund_path = settings.ikhokha_refund_path
         self.timeout = (settings.ikhokha_connect_timeout, settings.ikhokha_read_timeout)
         self.session = session or requests.Session()
         # Retry a connection that failed before anything was sent (any method), and a GET that
@@ -209,6 +215,24 @@ class HttpGateway:
                 return [item for item in data[key] if isinstance(item, dict)]
         return []
 
+    def refund(self, paylink_id: str, amount_cents: int, reason: str, refund_id: str) -> str:
+        path = self.refund_path.format(paylink_id=requests.utils.quote(paylink_id, safe=""))
+        payload = {
+            "amount": amount_cents,
+            "reason": _safe_text(reason),
+            "externalRefundID": refund_id,
+        }
+        data = self._request("POST", path, body=compact_json(payload))
+        lowered = lowered_keys(data)
+        code = str(lowered.get("responsecode", "00"))
+        if code != "00":
+            message = str(lowered.get("message", ""))[:200]
+            raise _error("declined", f"iKhokha refused the refund: {code} {message}", False)
+        for key in ("refundid", "id", "transactionid", "reference"):
+            if isinstance(lowered.get(key), str | int):
+                return str(lowered[key])
+        return refund_id
+
 
 def parse_status(paylink_id: str, data: dict[str, Any]) -> LinkStatus:
     """Read a status answer tolerantly: its shape is not documented."""
@@ -234,6 +258,7 @@ class MemoryGateway:
     def __init__(self) -> None:
         self.links: dict[str, dict[str, Any]] = {}
         self.requests: list[LinkRequest] = []
+        self.refunds: dict[str, dict[str, Any]] = {}  # by our refund id
         self.failure: Exception | None = None
 
     def _check(self) -> None:
@@ -266,6 +291,13 @@ class MemoryGateway:
     def payment_history(self, start_date: str, end_date: str) -> list[dict[str, Any]]:
         self._check()
         return list(self.links.values())
+
+    def refund(self, paylink_id: str, amount_cents: int, reason: str, refund_id: str) -> str:
+        self._check()
+        self.refunds.setdefault(
+            refund_id, {"paylinkID": paylink_id, "amount": amount_cents, "reason": reason}
+        )
+        return f"MEMREF-{refund_id[:8]}"
 
 
 GATEWAYS = {"http": HttpGateway, "memory": lambda settings: MemoryGateway()}

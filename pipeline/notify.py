@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import Enrollment, EnrollmentHistory, Notification, on_commit
+from models import Enrollment, EnrollmentHistory, Notification, on_commit, utcnow
 from pipeline.state_machine import Transition
 
 log = structlog.get_logger(__name__)
@@ -44,19 +44,47 @@ def notify(session: Session, settings: Settings, transitions: Iterable[Transitio
     on_commit(session, lambda: publish(settings.redis_url, rows))
 
 
-def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notification]:
-    payload: dict[str, Any] = {
+def notify_news(
+    session: Session,
+    settings: Settings,
+    enrollment: Enrollment,
+    kind: str,
+    details: dict[str, Any],
+    *,
+    student: bool = True,
+) -> None:
+    """News about an enrollment that is not a change of state: a partial refund (to the
+    student and the admins), a flag for the admins alone (student=False)."""
+    payload = {**_about(enrollment), **details, "at": utcnow().isoformat()}
+    rows = [r for r in _pair(enrollment, kind, payload) if student or r.audience == "admins"]
+    session.add_all(rows)
+    session.flush()
+    on_commit(session, lambda: publish(settings.redis_url, rows))
+
+
+def _about(enrollment: Enrollment) -> dict[str, Any]:
+    return {
         "enrollment_id": enrollment.id,
         "course_id": enrollment.course_id,
         "user_id": enrollment.user_id,
+        "course_access": enrollment.course_access,
+    }
+
+
+def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notification]:
+    payload: dict[str, Any] = {
+        **_about(enrollment),
         "from": history.from_state,
         "to": history.to_state,
-        "course_access": enrollment.course_access,
         "reason": history.reason,
         "source": history.source,
         "at": history.created_at.isoformat(),
     }
-    kind = f"enrollment.{history.to_state}"
+    return _pair(enrollment, f"enrollment.{history.to_state}", payload)
+
+
+def _pair(enrollment: Enrollment, kind: str, payload: dict[str, Any]) -> list[Notification]:
+    """The student's row and the admins' row of the same news."""
     return [
         Notification(
             audience="student",

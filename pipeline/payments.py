@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session
 
 from models import Payment
 
-_REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
 def new_reference() -> str:
     """A payment reference a student types into a bank transfer: no 0/O or 1/I to confuse."""
-    return "SP-" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))
+    return "SP-" + "".join(secrets.choice(REFERENCE_ALPHABET) for _ in range(8))
 
 
 def latest_payment(session: Session, enrollment_id: int) -> Payment | None:

@@ -1,4 +1,14 @@
-"""Reconciliation: ask iKhokha about payments still waiting, for when a callback never came."""
+"""Reconciliation, in both directions, against iKhokha's own word.
+
+Paid but not enrolled: card payments still waiting (or whose enrollment expired unpaid within
+SKILLPAY_RECONCILE_LOOKBACK_DAYS) that iKhokha reports final go into the pipeline as events,
+exactly like a callback that never came (fixed). Enrolled but not paid: approved card
+enrollments of the lookback window whose payment iKhokha does not report as SUCCESS, or
+reports for another amount, are flagged for an admin, never revoked. A payment iKhokha
+confirmed is marked reconciled and not asked about again. iKhokha's payment history (one call)
+answers for most payments; the status endpoint is asked about the rest, and always before a
+flag is raised. Each run, and what it found, is stored (GET /api/admin/reconciliation).
+"""
 
 from __future__ import annotations
 
@@ -6,28 +16,66 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import Enrollment, Payment, PaymentMethod, State, utcnow
-from pipeline.callbacks import FAILURE, SUCCESS
+from models import (
+    Enrollment,
+    Payment,
+    PaymentMethod,
+    ReconciliationFinding,
+    ReconciliationRun,
+    State,
+    utcnow,
+)
+from pipeline.callbacks import FAILURE, SUCCESS, lowered_keys
 from pipeline.errors import GatewayError
-from pipeline.ikhokha import Gateway
+from pipeline.flags import raise_flag
+from pipeline.ikhokha import Gateway, LinkStatus, parse_status
 from pipeline.inbox import Received, receive_status_answer
 
+log = structlog.get_logger(__name__)
+
 WAITING_STATES = (State.PENDING_PAYMENT, State.PAYMENT_FAILED)
+
+# What a run can find, in the order a report lists them.
+KINDS = {
+    "paid_not_enrolled": "paid but not enrolled (fed to the pipeline: fixed)",
+    "enrolled_not_paid": "enrolled but not paid (flagged for an admin)",
+    "amount_mismatch": "amount mismatches (flagged for an admin)",
+    "unknown_payment": "paid to us but not a payment of ours (reported)",
+    "error": "errors (iKhokha could not answer; tried again next run)",
+}
 
 
 @dataclass
 class ReconcileReport:
+    run_id: int | None = None
     checked: int = 0
     fed: list[int] = field(default_factory=list)  # event ids fed into the pipeline
     unchanged: int = 0
-    errors: list[str] = field(default_factory=list)
+    findings: list[ReconciliationFinding] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for f in self.findings if f.kind == kind)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {kind: self.count(kind) for kind in KINDS}
+
+    @property
+    def errors(self) -> list[str]:
+        return [f.detail for f in self.findings if f.kind == "error"]
 
 
-def waiting_payments(session: Session, older_than: timedelta, limit: int) -> list[Payment]:
+def waiting_payments(
+    session: Session, older_than: timedelta, since: timedelta, limit: int
+) -> list[Payment]:
+    """Card payments whose enrollment waits for the money, and those whose enrollment
+    expired unpaid within the lookback window (paid late, the callback lost)."""
+    now = utcnow()
     return list(
         session.scalars(
             select(Payment)
@@ -35,10 +83,35 @@ def waiting_payments(session: Session, older_than: timedelta, limit: int) -> lis
             .where(
                 Payment.method == PaymentMethod.CARD,
                 Payment.paylink_id.is_not(None),
-                Enrollment.state.in_(WAITING_STATES),
-                Payment.created_at <= utcnow() - older_than,
+                or_(
+                    Enrollment.state.in_(WAITING_STATES),
+                    (Enrollment.state == State.EXPIRED) & (Enrollment.updated_at >= now - since),
+                ),
+                Payment.created_at <= now - older_than,
             )
             .order_by(Payment.created_at)
+            .limit(limit)
+        )
+    )
+
+
+def unconfirmed_approvals(session: Session, since: timedelta, limit: int) -> list[Payment]:
+    """The paid payment of each card enrollment approved within the window that iKhokha has
+    not yet confirmed to reconciliation."""
+    return list(
+        session.scalars(
+            select(Payment)
+            .join(Enrollment, Enrollment.id == Payment.enrollment_id)
+            .where(
+                Payment.method == PaymentMethod.CARD,
+                Payment.paylink_id.is_not(None),
+                Payment.reconciled_at.is_(None),
+                Payment.gateway_status == SUCCESS,
+                Enrollment.state == State.APPROVED,
+                Enrollment.payment_method == PaymentMethod.CARD,
+                Enrollment.approved_at >= utcnow() - since,
+            )
+            .order_by(Enrollment.approved_at)
             .limit(limit)
         )
     )
@@ -52,12 +125,13 @@ def feed_status(
     enqueue: Callable[[int, str], object],
     *,
     source: str,
+    answer: LinkStatus | None = None,
 ) -> Received | None:
-    """Ask iKhokha about one payment; a final answer we have not seen yet goes into the
-    pipeline as an event, exactly like a callback (and deduplicated against it).
-    Raises GatewayError when iKhokha cannot answer."""
+    """Ask iKhokha about one payment (unless its answer is given); a final answer we have not
+    seen yet goes into the pipeline as an event, exactly like a callback (and deduplicated
+    against it). Raises GatewayError when iKhokha cannot answer."""
     assert payment.paylink_id is not None
-    answer = gateway.get_status(payment.paylink_id)
+    answer = answer or gateway.get_status(payment.paylink_id)
     if answer.status not in (SUCCESS, FAILURE) or answer.status == payment.gateway_status:
         return None
     return receive_status_answer(
@@ -119,18 +193,125 @@ def reconcile(
     *,
     older_than: timedelta = timedelta(minutes=5),
     limit: int = 200,
+    trigger: str = "beat",
 ) -> ReconcileReport:
-    """Feed iKhokha's answer for every card payment still waiting into the pipeline."""
-    report = ReconcileReport()
-    for payment in waiting_payments(session, older_than, limit):
+    """One run in both directions, stored with what it found. The caller commits."""
+    since = timedelta(days=settings.reconcile_lookback_days)
+    run = ReconciliationRun(trigger=trigger)
+    session.add(run)
+    session.flush()
+    report = ReconcileReport(run_id=run.id)
+
+    def found(kind: str, action: str, detail: str, payment: Payment | None = None) -> None:
+        finding = ReconciliationFinding(
+            run_id=run.id,
+            kind=kind,
+            action=action,
+            detail=detail,
+            enrollment_id=payment.enrollment_id if payment else None,
+            payment_id=payment.id if payment else None,
+        )
+        session.add(finding)
+        report.findings.append(finding)
+
+    history = _history(gateway, since)
+    for payment in waiting_payments(session, older_than, since, limit):
         report.checked += 1
+        assert payment.paylink_id is not None
         try:
-            received = feed_status(session, settings, gateway, payment, enqueue, source="reconcile")
+            answer = _trusted(history.get(payment.paylink_id)) or gateway.get_status(
+                payment.paylink_id
+            )
         except GatewayError as exc:
-            report.errors.append(f"{payment.id}: {exc.message}")
+            found("error", "reported", f"{payment.reference}: {exc.message}", payment)
             continue
+        state = payment.enrollment.state
+        received = feed_status(
+            session, settings, gateway, payment, enqueue, source="reconcile", answer=answer
+        )
         if received is None or received.duplicate:
             report.unchanged += 1
-        else:
-            report.fed.append(received.event_id)
+            continue
+        report.fed.append(received.event_id)
+        if answer.paid:
+            found(
+                "paid_not_enrolled",
+                "fed",
+                f"{payment.reference}: iKhokha reports it paid, no callback said so "
+                f"(enrollment {payment.enrollment_id} was {state})",
+                payment,
+            )
+    for payment in unconfirmed_approvals(session, since, limit):
+        report.checked += 1
+        _confirm_approval(session, settings, gateway, payment, history, found)
+    ours = set(session.scalars(select(Payment.paylink_id).where(Payment.paylink_id.in_(history))))
+    for paylink_id, answer in history.items():
+        if answer.paid and paylink_id not in ours:
+            found("unknown_payment", "reported", f"paylink {paylink_id} is paid but not ours")
+    run.checked, run.counts, run.finished_at = report.checked, report.counts, utcnow()
+    session.flush()
     return report
+
+
+def _confirm_approval(
+    session: Session,
+    settings: Settings,
+    gateway: Gateway,
+    payment: Payment,
+    history: dict[str, LinkStatus],
+    found: Callable[..., None],
+) -> None:
+    """Mark the approval confirmed when iKhokha agrees; flag it when iKhokha's status
+    endpoint says otherwise (history alone never flags anything)."""
+    assert payment.paylink_id is not None
+    answer = history.get(payment.paylink_id)
+    if not _agrees(answer, payment):
+        try:
+            answer = gateway.get_status(payment.paylink_id)
+        except GatewayError as exc:
+            found("error", "reported", f"{payment.reference}: {exc.message}", payment)
+            return
+    assert answer is not None
+    if _agrees(answer, payment):
+        payment.reconciled_at = utcnow()
+        return
+    if not answer.paid:
+        kind, why = "enrolled_not_paid", f"iKhokha reports {answer.status}, not SUCCESS"
+    else:
+        kind, why = (
+            "amount_mismatch",
+            f"iKhokha reports {answer.amount_cents} cents, expected {payment.amount_cents}",
+        )
+    detail = f"{payment.reference}: approved, but {why}"
+    raise_flag(session, settings, payment.enrollment, kind, detail, "reconcile")
+    found(kind, "flagged", detail, payment)
+
+
+def _agrees(answer: LinkStatus | None, payment: Payment) -> bool:
+    return (
+        answer is not None
+        and answer.paid
+        and (answer.amount_cents is None or answer.amount_cents == payment.amount_cents)
+    )
+
+
+def _trusted(answer: LinkStatus | None) -> LinkStatus | None:
+    """History's answer, when it is one to act on without asking again (a payment made)."""
+    return answer if answer is not None and answer.paid else None
+
+
+def _history(gateway: Gateway, since: timedelta) -> dict[str, LinkStatus]:
+    """iKhokha's payment history for the window, by paylink id (its shape is undocumented:
+    read tolerantly; when it fails, every payment is asked about on its own)."""
+    today = utcnow().date()
+    try:
+        items = gateway.payment_history((today - since).isoformat(), today.isoformat())
+    except GatewayError as exc:
+        log.warning("reconcile.history_unavailable", error=exc.message)
+        return {}
+    answers = {}
+    for item in items:
+        paylink_id = lowered_keys(item).get("paylinkid")
+        if isinstance(paylink_id, str) and paylink_id:
+            answers[paylink_id] = parse_status(paylink_id, item)
+    return answers

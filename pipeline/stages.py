@@ -139,6 +139,10 @@ def route_approval(session: Session, event: WebhookEvent, ctx: StageContext) -> 
         return
     if status != SUCCESS:
         raise UnrecognisedStatus(f"status {status!r} is neither SUCCESS nor FAILURE")
+    if enrollment.state == State.REFUNDED and payment.gateway_status == SUCCESS:
+        # The payment already counted (it was approved, then refunded): news to nobody.
+        event.decision = {"target": None, "reason": "this payment was refunded"}
+        return
     if enrollment.state in (State.REJECTED, State.REFUNDED):
         raise ClosedEnrollment(
             f"payment SUCCESS for enrollment {enrollment.id}, which is {enrollment.state}"

@@ -65,6 +65,12 @@ class LinkRequest(Schema):
     urls = fields.Nested(LinkUrls, required=True)
 
 
+class RefundRequest(Schema):
+    amount = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    reason = fields.String(load_default="")
+    externalRefundID = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
 @dataclass
 class Link:
     id: str
@@ -76,6 +82,12 @@ class Link:
     status: str = "PENDING"
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     deliveries: list[dict[str, Any]] = field(default_factory=list)
+    # By the merchant's refund id: asking twice with the same id refunds once.
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def refunded(self) -> int:
+        return sum(r["amount"] for r in self.refunds.values())
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -85,6 +97,7 @@ class Link:
             "amount": self.amount,
             "currency": self.currency,
             "externalTransactionID": self.external_transaction_id,
+            "refundedAmount": self.refunded,
         }
 
 
@@ -199,6 +212,27 @@ def api_blueprint(sim: Simulator) -> Blueprint:
     def status(link_id: str):
         sim.authenticate()
         return jsonify(sim.find(link_id).as_status())
+
+    @bp.post("/payments/<link_id>/refunds")
+    def refund(link_id: str):
+        """Not a verified iKhokha API (none is published for iK Pay): the shape Skillpay's
+        SKILLPAY_REFUND_MODE=api speaks, at the default IKHOKHA_REFUND_PATH."""
+        sim.authenticate()
+        link = sim.find(link_id)
+        try:
+            data = RefundRequest().load(json.loads(request.get_data()))
+        except (ValueError, ValidationError):
+            refuse(400, "invalid refund request")
+        with sim.lock:
+            done = link.refunds.get(data["externalRefundID"])
+            if done is None:
+                if link.status != SUCCESS:
+                    refuse(409, "only a paid link can be refunded")
+                if data["amount"] > link.amount - link.refunded:
+                    refuse(409, "refund exceeds what is left of the payment")
+                done = {"refundID": uuid.uuid4().hex[:12], "amount": data["amount"]}
+                link.refunds[data["externalRefundID"]] = done
+        return jsonify({"responseCode": "00", "message": "Refund accepted", **done})
 
     @bp.get("/payments/history")
     def history():

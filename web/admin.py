@@ -1,4 +1,5 @@
-"""Admin endpoints: the approval queue, decisions, bulk jobs, audit, dead letters."""
+"""Admin endpoints: the approval queue, decisions, refunds, flags, bulk jobs, audit, dead
+letters, reconciliation and bank statements."""
 
 from __future__ import annotations
 
@@ -7,24 +8,48 @@ from datetime import timedelta
 from flask import Blueprint, jsonify, request
 from sqlalchemy import func, select
 
-from models import Enrollment, EnrollmentHistory, utcnow
-from pipeline import bulk
+from models import (
+    BankStatement,
+    Enrollment,
+    EnrollmentHistory,
+    ReconciliationFinding,
+    ReconciliationRun,
+    utcnow,
+)
+from pipeline import bulk, statements
 from pipeline.dead_letters import list_dead_letters, replay_dead_letter
 from pipeline.decisions import approve_enrollment, needs_individual_review, reject_enrollment
-from pipeline.errors import canonical_uuid
+from pipeline.errors import NotFound, canonical_uuid
+from pipeline.flags import clear_flag, open_flags
+from pipeline.refunds import refund_enrollment
 from pipeline.state_machine import Transition
 from web.auth import current_user, db, require_admin
-from web.extensions import settings, task_queue
+from web.extensions import gateway, settings, task_queue
 from web.schemas import (
     BulkApproveRequest,
+    ConfirmRequest,
+    NoteRequest,
     PageQuery,
     QueueQuery,
+    RefundRequest,
     RejectRequest,
     ReplayRequest,
+    StatementQuery,
     load_json,
     load_query,
 )
-from web.views import AuditEntryView, dead_letter_view, enrollment_view, job_view
+from web.views import (
+    AuditEntryView,
+    FindingView,
+    FlagView,
+    ReconciliationRunView,
+    RefundView,
+    StatementLineView,
+    StatementView,
+    dead_letter_view,
+    enrollment_view,
+    job_view,
+)
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 
@@ -152,3 +177,168 @@ def replay(letter_id: int):
     letter = replay_dead_letter(session, letter_id, task_queue().stage, data["from_stage"])
     session.commit()
     return jsonify(dead_letter_view(letter)), 202
+
+
+def _idempotency_key() -> str | None:
+    return request.headers.get("Idempotency-Key", "").strip()[:128] or None
+
+
+@bp.post("/enrollments/<id:enrollment_id>/refund")
+@require_admin
+def refund(enrollment_id: int):
+    """Refund an approved enrollment: in full (access ends) or, with amount_cents, in part."""
+    data = load_json(RefundRequest())
+    session = db()
+    result = refund_enrollment(
+        session,
+        settings(),
+        gateway(),
+        enrollment_id,
+        current_user(),
+        reason=data["reason"],
+        amount_cents=data["amount_cents"],
+        idempotency_key=_idempotency_key(),
+    )
+    session.commit()
+    enrollment = session.get(Enrollment, enrollment_id)
+    assert enrollment is not None
+    body = {
+        "refund": RefundView().dump(result.refund),
+        "created": result.created,
+        "enrollment": enrollment_view(session, enrollment),
+    }
+    return jsonify(body), 201 if result.created else 200
+
+
+@bp.get("/attention")
+@require_admin
+def attention():
+    """Enrollments flagged for an admin (reconciliation's findings), oldest first."""
+    q = load_query(PageQuery())
+    session = db()
+    items = []
+    for flag in open_flags(session, limit=q["per_page"], offset=(q["page"] - 1) * q["per_page"]):
+        view = FlagView().dump(flag)
+        view["enrollment"] = enrollment_view(session, flag.enrollment, with_history=False)
+        view["enrollment"]["student_email"] = flag.enrollment.user.email
+        items.append(view)
+    return jsonify({"items": items})
+
+
+@bp.post("/flags/<id:flag_id>/clear")
+@require_admin
+def clear(flag_id: int):
+    note = load_json(NoteRequest())["note"]
+    session = db()
+    flag = clear_flag(session, flag_id, current_user(), note)
+    session.commit()
+    return jsonify(FlagView().dump(flag))
+
+
+@bp.get("/reconciliation")
+@require_admin
+def reconciliation():
+    """The latest reconciliation runs, each with what it found."""
+    q = load_query(PageQuery())
+    session = db()
+    runs = list(
+        session.scalars(
+            select(ReconciliationRun)
+            .order_by(ReconciliationRun.id.desc())
+            .offset((q["page"] - 1) * q["per_page"])
+            .limit(min(q["per_page"], 20))
+        )
+    )
+    findings: dict[int, list[ReconciliationFinding]] = {run.id: [] for run in runs}
+    for finding in session.scalars(
+        select(ReconciliationFinding)
+        .where(ReconciliationFinding.run_id.in_(list(findings)))
+        .order_by(ReconciliationFinding.id)
+    ):
+        findings[finding.run_id].append(finding)
+    items = []
+    for run in runs:
+        view = ReconciliationRunView().dump(run)
+        view["findings"] = FindingView(many=True).dump(findings[run.id])
+        items.append(view)
+    return jsonify({"items": items})
+
+
+@bp.post("/statements")
+@require_admin
+def import_statement():
+    """Import a bank statement: a multipart upload (field `file`) or the file as the body."""
+    request.max_content_length = statements.MAX_BYTES
+    q = load_query(StatementQuery())
+    upload = request.files.get("file")
+    data = upload.read() if upload is not None else request.get_data()
+    filename = (upload.filename if upload is not None else None) or q["filename"]
+    session = db()
+    imported = statements.import_statement(
+        session, settings(), current_user(), data, filename, q["format"]
+    )
+    session.commit()
+    return jsonify(_statement(imported.statement, imported.lines, imported.created)), (
+        201 if imported.created else 200
+    )
+
+
+@bp.get("/statements")
+@require_admin
+def list_statements():
+    q = load_query(PageQuery())
+    session = db()
+    rows = list(
+        session.scalars(
+            select(BankStatement)
+            .order_by(BankStatement.id.desc())
+            .offset((q["page"] - 1) * q["per_page"])
+            .limit(q["per_page"])
+        )
+    )
+    counts = statements.match_counts(session, [row.id for row in rows])
+    return jsonify(
+        {"items": [StatementView().dump(row) | {"counts": counts[row.id]} for row in rows]}
+    )
+
+
+@bp.get("/statements/<id:statement_id>")
+@require_admin
+def statement(statement_id: int):
+    q = load_query(StatementQuery())
+    session = db()
+    row = session.get(BankStatement, statement_id)
+    if row is None:
+        raise NotFound(f"bank statement {statement_id} does not exist")
+    return jsonify(_statement(row, statements.statement_lines(session, row.id, q["match"])))
+
+
+@bp.post("/statements/<id:statement_id>/confirm")
+@require_admin
+def confirm_statement(statement_id: int):
+    """Approve the statement's exact matches (or the listed lines among them) as a bulk job."""
+    data = load_json(ConfirmRequest()) if request.get_data() else {"line_ids": None}
+    session = db()
+    confirmed = statements.confirm_matches(
+        session, statement_id, current_user(), task_queue().bulk_job, data["line_ids"]
+    )
+    session.commit()
+    if confirmed.job is None:
+        return jsonify({"confirmed": 0, "job_id": None, "message": "nothing left to confirm"})
+    return jsonify(
+        {
+            "confirmed": len(confirmed.line_ids),
+            "line_ids": confirmed.line_ids,
+            "job_id": confirmed.job.id,
+            "status_url": f"/api/admin/jobs/{confirmed.job.id}",
+        }
+    ), 202
+
+
+def _statement(row: BankStatement, lines: list, created: bool | None = None) -> dict:
+    view = StatementView().dump(row)
+    view["counts"] = statements.match_counts(db(), [row.id])[row.id]
+    view["lines"] = StatementLineView(many=True).dump(lines)
+    if created is not None:
+        view["created"] = created
+    return view

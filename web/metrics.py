@@ -11,7 +11,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from models import DeadLetter, Enrollment, WebhookEvent, session_scope
+from models import (
+    DeadLetter,
+    Enrollment,
+    EnrollmentFlag,
+    ReconciliationRun,
+    StatementLine,
+    WebhookEvent,
+    session_scope,
+)
+from pipeline.reconcile import KINDS
 
 REGISTRY = CollectorRegistry()
 WEBHOOKS = Counter(
@@ -67,7 +76,52 @@ class DatabaseCollector(Collector):
                 select(Enrollment.state, func.count()).group_by(Enrollment.state)
             ):
                 enrollments.add_metric([state], count)
-        return [events, dead, enrollments]
+            extra = _money_checks(s)
+        return [events, dead, enrollments, *extra]
+
+
+def _money_checks(s) -> list[GaugeMetricFamily]:
+    """Reconciliation's last run by kind, enrollments flagged for an admin, statement lines
+    proposed and not yet confirmed."""
+    findings = GaugeMetricFamily(
+        "skillpay_reconciliation_findings",
+        "What the latest finished reconciliation run found, by kind",
+        labels=["kind"],
+    )
+    last = s.scalar(
+        select(ReconciliationRun)
+        .where(ReconciliationRun.finished_at.is_not(None))
+        .order_by(ReconciliationRun.id.desc())
+        .limit(1)
+    )
+    for kind in KINDS:
+        findings.add_metric([kind], (last.counts or {}).get(kind, 0) if last else 0)
+    finished = GaugeMetricFamily(
+        "skillpay_reconciliation_last_run_timestamp_seconds",
+        "When the latest reconciliation run finished (Unix time; 0: never)",
+    )
+    finished.add_metric([], last.finished_at.timestamp() if last and last.finished_at else 0)
+    flagged = GaugeMetricFamily(
+        "skillpay_enrollments_flagged", "Open flags for an admin, by kind", labels=["kind"]
+    )
+    for kind, count in s.execute(
+        select(EnrollmentFlag.kind, func.count())
+        .where(EnrollmentFlag.cleared_at.is_(None))
+        .group_by(EnrollmentFlag.kind)
+    ):
+        flagged.add_metric([kind], count)
+    proposed = GaugeMetricFamily(
+        "skillpay_statement_lines_proposed",
+        "Bank statement lines proposed and not confirmed, by match",
+        labels=["match"],
+    )
+    for match, count in s.execute(
+        select(StatementLine.match, func.count())
+        .where(StatementLine.state == "proposed", StatementLine.match != "ignored")
+        .group_by(StatementLine.match)
+    ):
+        proposed.add_metric([match], count)
+    return [findings, finished, flagged, proposed]
 
 
 REGISTRY.register(DatabaseCollector())

@@ -10,6 +10,7 @@ from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validat
 from models import PaymentMethod, State
 from pipeline.errors import InvalidRequest
 from pipeline.stages import STAGE_NAMES
+from pipeline.statements import MATCHES
 
 # Ids are PostgreSQL bigints: anything larger is refused here, not by the database.
 MAX_ID = 2**63 - 1
@@ -48,6 +49,43 @@ class RejectRequest(Schema):
         unknown = RAISE
 
     reason = Text(required=True, validate=validate.Length(min=1, max=1000))
+
+
+class RefundRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    reason = Text(required=True, validate=validate.Length(min=1, max=1000))
+    # Absent: everything not yet refunded (which ends course access).
+    amount_cents = fields.Integer(
+        load_default=None, strict=True, validate=validate.Range(min=1, max=2**31 - 1)
+    )
+
+
+class NoteRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    note = Text(required=True, validate=validate.Length(min=1, max=1000))
+
+
+class ConfirmRequest(Schema):
+    class Meta:
+        unknown = RAISE
+
+    # Absent: every exact match of the statement still proposed.
+    line_ids = fields.List(
+        Id(strict=True), load_default=None, validate=validate.Length(min=1, max=50_000)
+    )
+
+
+class StatementQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    filename = Text(load_default="statement.csv", validate=validate.Length(max=200))
+    format = fields.String(load_default=None, validate=validate.OneOf(["csv", "ofx"]))
+    match = fields.String(load_default=None, validate=validate.OneOf(MATCHES))
 
 
 class BulkApproveRequest(Schema):

@@ -96,6 +96,78 @@ class DeadLetterView(Schema):
     event = fields.Nested(EventSummaryView)
 
 
+class RefundView(Schema):
+    id = fields.String()
+    enrollment_id = fields.Integer()
+    payment_id = fields.String()
+    amount_cents = fields.Integer()
+    is_full = fields.Boolean(data_key="full")
+    reason = fields.String()
+    mode = fields.String()
+    state = fields.String()
+    gateway_reference = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+    admin_user_id = fields.Integer()
+    created_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+
+
+class FlagView(Schema):
+    id = fields.Integer()
+    enrollment_id = fields.Integer()
+    kind = fields.String()
+    reason = fields.String()
+    source = fields.String()
+    created_at = fields.DateTime()
+    cleared_at = fields.DateTime(allow_none=True)
+    cleared_by = fields.Integer(allow_none=True)
+    note = fields.String(allow_none=True)
+
+
+class FindingView(Schema):
+    id = fields.Integer()
+    kind = fields.String()
+    action = fields.String()
+    enrollment_id = fields.Integer(allow_none=True)
+    payment_id = fields.String(allow_none=True)
+    detail = fields.String()
+
+
+class ReconciliationRunView(Schema):
+    id = fields.Integer()
+    trigger = fields.String()
+    started_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+    checked = fields.Integer()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+
+
+class StatementView(Schema):
+    id = fields.Integer()
+    filename = fields.String()
+    format = fields.String()
+    imported_by = fields.Integer()
+    imported_at = fields.DateTime()
+    line_count = fields.Integer()
+    already_imported = fields.Integer()
+
+
+class StatementLineView(Schema):
+    id = fields.Integer()
+    line_no = fields.Integer()
+    booked_on = fields.Date()
+    description = fields.String()
+    amount_cents = fields.Integer()
+    reference = fields.String(allow_none=True)
+    match = fields.String()
+    enrollment_id = fields.Integer(allow_none=True)
+    reason = fields.String()
+    state = fields.String()
+    confirmed_by = fields.Integer(allow_none=True)
+    confirmed_at = fields.DateTime(allow_none=True)
+    job_id = fields.String(allow_none=True)
+
+
 class JobItemView(Schema):
     enrollment_id = fields.Integer()
     outcome = fields.String()

@@ -16,7 +16,7 @@ from config import Settings
 from models import session_scope
 from pipeline import bulk, runner
 from pipeline.errors import describe, is_transient
-from pipeline.expiry import expire_unpaid_enrollments
+from pipeline.expiry import expire_unpaid_enrollments, expire_waiting_transfers
 from pipeline.reconcile import check_payment, reconcile
 from pipeline.schedule import claim_period
 from pipeline.stages import STAGE_NAMES, StageContext
@@ -157,16 +157,23 @@ def sweep_stalled_work(self: SkillpayTask, period_seconds: float | None = None) 
 
 
 @shared_task(name="skillpay.reconcile", base=SkillpayTask, bind=True)
-def reconcile_waiting_payments(self: SkillpayTask, period_seconds: float | None = None) -> int:
+def reconcile_payments(
+    self: SkillpayTask, period_seconds: float | None = None, trigger: str = "beat"
+) -> int:
+    """Reconciliation in both directions (beat runs it; an admin may ask for a run)."""
     if not self.first_in_period(period_seconds):
         return 0
     with session_scope() as session:
-        report = reconcile(session, self.settings, self.app.gateway, self.app.queue.stage)  # type: ignore[attr-defined]
-    if report.fed or report.errors:
-        log.info(
-            "reconcile.done", checked=report.checked, fed=len(report.fed), errors=report.errors[:5]
+        report = reconcile(
+            session,
+            self.settings,
+            self.app.gateway,  # type: ignore[attr-defined]
+            self.app.queue.stage,  # type: ignore[attr-defined]
+            trigger=trigger,
         )
-    return len(report.fed)
+    if report.findings:
+        log.info("reconcile.done", run_id=report.run_id, checked=report.checked, **report.counts)
+    return len(report.findings)
 
 
 @shared_task(name="skillpay.check_payment", base=SkillpayTask, bind=True)
@@ -188,4 +195,6 @@ def expire_enrollments(self: SkillpayTask, period_seconds: float | None = None) 
     if not self.first_in_period(period_seconds):
         return 0
     with session_scope() as session:
-        return expire_unpaid_enrollments(session, self.settings)
+        return expire_unpaid_enrollments(session, self.settings) + expire_waiting_transfers(
+            session, self.settings
+        )
