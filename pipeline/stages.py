@@ -23,6 +23,7 @@ from pipeline.callbacks import FAILURE, SUCCESS, lowered_keys
 from pipeline.checkout import EFT_WAITING_REASON
 from pipeline.detection import PaymentTypeDetector
 from pipeline.errors import ClosedEnrollment, UnknownPayment, UnrecognisedStatus
+from pipeline.flags import raise_flag
 from pipeline.ikhokha import Gateway, LinkStatus
 from pipeline.inbox import FIRST_STAGE, authenticate
 from pipeline.notify import notify
@@ -139,6 +140,21 @@ def route_approval(session: Session, event: WebhookEvent, ctx: StageContext) -> 
         return
     if status != SUCCESS:
         raise UnrecognisedStatus(f"status {status!r} is neither SUCCESS nor FAILURE")
+    if enrollment.state == State.APPROVED and payment.gateway_status != SUCCESS:
+        other = session.scalar(
+            select(Payment.reference).where(
+                Payment.enrollment_id == enrollment.id,
+                Payment.id != payment.id,
+                Payment.gateway_status == SUCCESS,
+            )
+        )
+        if other is not None:
+            # An earlier link, still payable, was paid after a later one: the student paid
+            # twice. Access stays; an admin refunds one.
+            reason = f"paid twice: {payment.reference} after {other}; refund one of them"
+            raise_flag(session, ctx.settings, enrollment, "paid_twice", reason, "webhook")
+            event.decision = {"target": None, "reason": reason}
+            return
     if enrollment.state == State.REFUNDED and payment.gateway_status == SUCCESS:
         # The payment already counted (it was approved, then refunded): news to nobody.
         event.decision = {"target": None, "reason": "this payment was refunded"}

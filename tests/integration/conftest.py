@@ -29,6 +29,12 @@ from tests.support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = (
+    "statement_lines",
+    "bank_statements",
+    "reconciliation_findings",
+    "reconciliation_runs",
+    "enrollment_flags",
+    "refunds",
     "scheduled_runs",
     "stream_tickets",
     "bulk_job_items",

@@ -302,3 +302,22 @@ def test_plain_transfers_waiting_too_long_expire_with_a_notice(session, settings
     assert notice.kind == "enrollment.expired" and "within 14 days" in notice.payload["reason"]
     with freeze_time(utcnow() + timedelta(days=30)):
         assert expire_waiting_transfers(session, replace(settings, eft_approval_expiry_days=0)) == 0
+
+
+def test_an_earlier_link_paid_after_approval_is_flagged_as_paid_twice(session, settings, gateway):
+    enrollment, paid = paid_card(session, gateway)
+    _, earlier = make_enrollment(session, state=State.PENDING_PAYMENT)
+    earlier.enrollment_id = enrollment.id
+    session.flush()
+    event = stored_callback(session, settings, callback_body(earlier, "SUCCESS"))
+    event.enrollment_id, event.payment_id, event.callback_status = (
+        enrollment.id,
+        earlier.id,
+        "SUCCESS",
+    )
+    event.payment_type = "card"
+    stages.route_approval(session, event, StageContext(settings, gateway))
+    assert event.decision["target"] is None and "paid twice" in event.decision["reason"]
+    flag = session.scalar(select(EnrollmentFlag))
+    assert (flag.enrollment_id, flag.kind) == (enrollment.id, "paid_twice")
+    assert paid.reference in flag.reason and enrollment.state == State.APPROVED
