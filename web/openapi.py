@@ -135,6 +135,46 @@ class DeadLetters(Open):
     items = fields.List(fields.Nested(DeadLetter), required=True)
 
 
+class RefundDone(Open):
+    refund = fields.Nested(views.RefundView, required=True)
+    created = fields.Boolean(required=True)
+    enrollment = fields.Nested(Enrollment, required=True)
+
+
+class FlagItem(views.FlagView, Open):
+    enrollment = fields.Nested(Enrollment)
+
+
+class Flags(Open):
+    items = fields.List(fields.Nested(FlagItem), required=True)
+
+
+class ReconciliationRun(views.ReconciliationRunView, Open):
+    findings = fields.List(fields.Nested(views.FindingView))
+
+
+class ReconciliationRuns(Open):
+    items = fields.List(fields.Nested(ReconciliationRun), required=True)
+
+
+class Statement(views.StatementView, Open):
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    lines = fields.List(fields.Nested(views.StatementLineView))
+    created = fields.Boolean()
+
+
+class Statements(Open):
+    items = fields.List(fields.Nested(Statement), required=True)
+
+
+class Confirmation(Open):
+    confirmed = fields.Integer(required=True)
+    job_id = fields.String(allow_none=True, required=True)
+    line_ids = fields.List(fields.Integer())
+    status_url = fields.String()
+    message = fields.String()
+
+
 class StreamTicket(Open):
     ticket = fields.String(required=True)
     expires_in = fields.Integer(required=True)
@@ -173,6 +213,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     body: type[Schema] | None = None
     body_required: bool = True
+    # A body that is a file, not JSON: its media type (a bank statement as text/csv).
+    raw_body: str | None = None
     query: type[Schema] | None = None
     security: str | None = None  # "bearer", "ikhokha" or None
     path_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -319,6 +361,84 @@ OPERATIONS = [
         security="bearer",
         path_params={"letter_id": ID},
     ),
+    Operation(
+        "post",
+        "/api/admin/enrollments/{enrollment_id}/refund",
+        "Refund an approved enrollment, in full (access ends) or in part (Idempotency-Key)",
+        {200: RefundDone, 201: RefundDone},
+        (*ADMIN, 404, 409, 502),
+        body=schemas.RefundRequest,
+        security="bearer",
+        path_params={"enrollment_id": ID},
+    ),
+    Operation(
+        "get",
+        "/api/admin/attention",
+        "Enrollments flagged for an admin (reconciliation, paid twice)",
+        {200: Flags},
+        ADMIN,
+        query=schemas.PageQuery,
+        security="bearer",
+    ),
+    Operation(
+        "post",
+        "/api/admin/flags/{flag_id}/clear",
+        "Clear a flag, saying what was found",
+        {200: views.FlagView},
+        (*ADMIN, 404, 409),
+        body=schemas.NoteRequest,
+        security="bearer",
+        path_params={"flag_id": ID},
+    ),
+    Operation(
+        "get",
+        "/api/admin/reconciliation",
+        "The latest reconciliation runs and what each found",
+        {200: ReconciliationRuns},
+        ADMIN,
+        query=schemas.PageQuery,
+        security="bearer",
+    ),
+    Operation(
+        "post",
+        "/api/admin/statements",
+        "Import a bank statement (CSV or OFX; the body, or multipart field `file`)",
+        {200: Statement, 201: Statement},
+        (*ADMIN, 409),
+        raw_body="text/csv",
+        query=schemas.StatementQuery,
+        security="bearer",
+    ),
+    Operation(
+        "get",
+        "/api/admin/statements",
+        "Imported bank statements, newest first, with match counts",
+        {200: Statements},
+        ADMIN,
+        query=schemas.PageQuery,
+        security="bearer",
+    ),
+    Operation(
+        "get",
+        "/api/admin/statements/{statement_id}",
+        "A statement's lines, each with its match and reason",
+        {200: Statement},
+        (*ADMIN, 404),
+        query=schemas.StatementQuery,
+        security="bearer",
+        path_params={"statement_id": ID},
+    ),
+    Operation(
+        "post",
+        "/api/admin/statements/{statement_id}/confirm",
+        "Approve the statement's exact matches as one bulk job",
+        {200: Confirmation, 202: Confirmation},
+        (*ADMIN, 404),
+        body=schemas.ConfirmRequest,
+        body_required=False,
+        security="bearer",
+        path_params={"statement_id": ID},
+    ),
     Operation("get", "/healthz", "Liveness", {200: Status}),
     Operation(
         "get",
@@ -382,6 +502,11 @@ def build_spec() -> dict[str, Any]:
             operation["requestBody"] = {
                 "required": op.body_required,
                 "content": {"application/json": {"schema": op.body}},
+            }
+        elif op.raw_body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {op.raw_body: {"schema": {"type": "string"}}},
             }
         elif op.security == "ikhokha":
             operation["requestBody"] = {

@@ -222,3 +222,53 @@ def test_the_whole_story_updates_both_pages_live(
     finally:
         admin_context.close()
         student_context.close()
+
+
+def test_an_admin_imports_a_statement_and_confirms_its_matches_by_click(
+    web, worker, db, page, tmp_path
+):
+    _, admin_token = make_user(db, role="admin")
+    course = make_course(db, price_cents=10000)
+    matched = []
+    for _ in range(2):
+        enrollment, payment = make_enrollment(
+            db, method="eft", state=State.PENDING_APPROVAL, course=course
+        )
+        enrollment.waiting_reason = EFT_WAITING_REASON
+        matched.append((enrollment, payment))
+    db.commit()
+    statement = tmp_path / "november.csv"
+    statement.write_text(
+        "Date,Description,Amount\n"
+        + "".join(f"2026/11/20,EFT {p.reference.lower()},100.00\n" for _, p in matched)
+        + "2026/11/21,UNKNOWN PAYER,55.00\n"
+    )
+    page.goto(f"{web}/admin")
+    page.fill("#token", admin_token)
+    page.click("#save-token")
+    expect(page.locator("#queue tr")).to_have_count(2)
+    page.set_input_files("#statement-file", str(statement))
+    page.click("#statement-import")
+    expect(page.locator("#statement tr")).to_have_count(3)
+    expect(page.locator("#statement tr[data-match=exact]")).to_have_count(2)
+    expect(page.locator("#statement tr[data-match=unmatched]")).to_contain_text(
+        "no reference, and no EFT enrollment waits for R 55.00"
+    )
+    asked: list[str] = []
+
+    def answer(dialog):
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", answer)
+    expect(page.locator("#statement-confirm")).to_have_text("Confirm 2 exact match(es)")
+    page.click("#statement-confirm")
+    wait_for(lambda: "done" in page.inner_text("#statement-job"), timeout=30)
+    assert asked == ["Approve 2 enrollment(s) matched on the statement, R 200.00 in total?"]
+    expect(page.locator("#queue tr")).to_have_count(0)
+    db.expire_all()
+    assert [db.get(type(e), e.id).state for e, _ in matched] == ["approved", "approved"]
+    page.click("#statement-import")  # the same file again
+    expect(page.locator("#statement-note")).to_contain_text(
+        "imported before: nothing imported again"
+    )

@@ -8,7 +8,9 @@ function pageSession(key, onSignIn) {
   const message = (text) => { document.getElementById('message').textContent = text || ''; };
 
   async function api(path, options = {}, bearer = token()) {
-    const headers = {'Content-Type': 'application/json'};
+    // A file upload (FormData) sets its own multipart Content-Type.
+    const json = !(options.body instanceof FormData);
+    const headers = {...(json ? {'Content-Type': 'application/json'} : {}), ...(options.headers || {})};
     if (bearer) headers['Authorization'] = 'Bearer ' + bearer;
     const response = await fetch(path, {...options, headers});
     const body = await response.json().catch(() => ({}));
