@@ -308,20 +308,29 @@ def reconcile_cmd(settings: Settings, older_than_minutes: int) -> None:
         sys.exit(1)
 
 
-def _admin(email: str):
-    """The admin a command acts as (recorded as who did it)."""
-    from models import User, session_scope
+def _admin(email: str | None):
+    """The admin a command acts as, recorded as who did it: --admin, or the only admin."""
+    from models import Role, User, session_scope
 
     with session_scope() as session:
-        admin = session.scalar(select(User).where(User.email == email.strip().lower()))
-        if admin is None or not admin.is_admin:
-            _fail(f"{email} is not an admin")
+        if email:
+            admin = session.scalar(select(User).where(User.email == email.strip().lower()))
+            if admin is None or not admin.is_admin:
+                _fail(f"{email} is not an admin")
+        else:
+            admins = session.scalars(select(User).where(User.role == Role.ADMIN).limit(2)).all()
+            if len(admins) != 1:
+                _fail("name the admin this is done as: --admin EMAIL (recorded as who did it)")
+            admin = admins[0]
         session.expunge(admin)
     return admin
 
 
 admin_option = click.option(
-    "--admin", "admin_email", required=True, help="The admin's e-mail: recorded as who did it."
+    "--admin",
+    "admin_email",
+    default=None,
+    help="The admin's e-mail, recorded as who did it (may be left out when there is one admin).",
 )
 
 
@@ -343,7 +352,7 @@ def refund_cmd(
     reason: str,
     amount_cents: int | None,
     idempotency_key: str | None,
-    admin_email: str,
+    admin_email: str | None,
 ) -> None:
     """Refund an approved enrollment (SKILLPAY_REFUND_MODE says how: record one made in
     iKhokha's dashboard, or ask the gateway). Prints the refund's id."""
@@ -387,10 +396,18 @@ def statements() -> None:
 @statements.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["csv", "ofx"]), default=None)
+@click.option(
+    "--approve-exact",
+    is_flag=True,
+    help="Also approve the exact matches (reference and amount) as one bulk job.",
+)
 @admin_option
 @pass_settings
-def statements_import(settings: Settings, file: str, fmt: str | None, admin_email: str) -> None:
-    """Import a statement (CSV or OFX) and print each line's proposed match."""
+def statements_import(
+    settings: Settings, file: str, fmt: str | None, approve_exact: bool, admin_email: str | None
+) -> None:
+    """Import a statement (CSV or OFX) and print each line's proposed match; without
+    --approve-exact it only reports."""
     from pathlib import Path
 
     from models import session_scope
@@ -430,25 +447,30 @@ def statements_import(settings: Settings, file: str, fmt: str | None, admin_emai
     for n, day, amount, match, enrollment, reason in rows:
         click.echo(f"{n:>5} {day:<10} {amount:>14} {match:<15} {enrollment!s:>6}  {reason}")
     exact = sum(1 for row in rows if row[3] == "exact")
-    if exact:
+    if approve_exact:
+        _approve_exact(settings, statement_id, admin)
+    elif exact:
         click.echo(
-            f"{exact} exact match(es): skillpay statements confirm {statement_id} "
-            f"--admin {admin_email}",
-            err=True,
+            f"{exact} exact match(es): skillpay statements approve-exact {statement_id}", err=True
         )
 
 
-@statements.command("confirm")
+@statements.command("approve-exact")
 @click.argument("statement_id", type=click.IntRange(min=1))
 @admin_option
 @pass_settings
-def statements_confirm(settings: Settings, statement_id: int, admin_email: str) -> None:
-    """Approve the statement's exact matches in one bulk job; print the job's id."""
+def statements_approve_exact(
+    settings: Settings, statement_id: int, admin_email: str | None
+) -> None:
+    """Approve an imported statement's exact matches in one bulk job; print the job's id."""
+    _approve_exact(settings, statement_id, _admin(admin_email))
+
+
+def _approve_exact(settings: Settings, statement_id: int, admin) -> None:
     from models import session_scope
     from pipeline.errors import SkillpayError
     from pipeline.statements import confirm_matches
 
-    admin = _admin(admin_email)
     queue = _celery(settings).queue
     try:
         with session_scope() as session:

@@ -89,6 +89,14 @@ def refund_enrollment(
     enrollment = lock_enrollments(session, [enrollment_id]).get(enrollment_id)
     if enrollment is None:
         raise NotFound(f"enrollment {enrollment_id} does not exist")
+    if enrollment.state == State.REFUNDED and amount_cents is None:
+        done = session.scalar(
+            select(Refund).where(
+                Refund.enrollment_id == enrollment_id, Refund.is_full, Refund.state == "done"
+            )
+        )
+        if done is not None:  # asked again (or by two admins at once): nothing more to do
+            return RefundResult(done, False)
     if enrollment.state != State.APPROVED:
         raise InvalidTransition(
             f"enrollment {enrollment_id} is {enrollment.state}; only an approved enrollment "

@@ -141,18 +141,26 @@ def parse_csv(data: bytes, settings: Settings) -> list[ParsedLine]:
     formats = [f.strip() for f in settings.statement_date_formats.split(",") if f.strip()]
     positional = all(len(names) == 1 and names[0].isdigit() for names in wanted)
     columns = [int(names[0]) - 1 for names in wanted] if positional else None
+    width = 0  # the header's number of columns (none without a header)
     lines: list[ParsedLine] = []
     try:
         for row in reader:
             n = reader.line_num
             cells = [cell.strip() for cell in row]
-            if not any(cells):
+            while cells and not cells[-1]:  # trailing empty columns some exports add
+                cells.pop()
+            if not cells:
                 continue
             if columns is None:
-                columns = _header(cells, wanted)
+                columns, width = _header(cells, wanted), len(cells)
                 if columns is None and n > 30:
                     break
                 continue
+            if width and len(cells) > width:
+                raise InvalidRequest(
+                    f"line {n}: {len(cells)} columns where the header has {width} "
+                    "(an amount with an unquoted comma?)"
+                )
             if len(cells) <= max(columns):
                 raise InvalidRequest(
                     f"line {n}: expected at least {max(columns) + 1} columns, found {len(cells)}"

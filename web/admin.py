@@ -204,7 +204,8 @@ def refund(enrollment_id: int):
     assert enrollment is not None
     body = {
         "refund": RefundView().dump(result.refund),
-        "created": result.created,
+        # False: the same refund asked for again (Idempotency-Key, or refunded in full already)
+        "changed": result.created,
         "enrollment": enrollment_view(session, enrollment),
     }
     return jsonify(body), 201 if result.created else 200
@@ -259,6 +260,9 @@ def reconciliation():
     items = []
     for run in runs:
         view = ReconciliationRunView().dump(run)
+        for kind in ("paid_not_enrolled", "enrolled_not_paid", "amount_mismatch"):
+            view[kind] = [f.enrollment_id for f in findings[run.id] if f.kind == kind]
+        view["errors"] = [f.detail for f in findings[run.id] if f.kind == "error"]
         view["findings"] = FindingView(many=True).dump(findings[run.id])
         items.append(view)
     return jsonify({"items": items})
@@ -313,7 +317,7 @@ def statement(statement_id: int):
     return jsonify(_statement(row, statements.statement_lines(session, row.id, q["match"])))
 
 
-@bp.post("/statements/<id:statement_id>/confirm")
+@bp.post("/statements/<id:statement_id>/approve-exact")
 @require_admin
 def confirm_statement(statement_id: int):
     """Approve the statement's exact matches (or the listed lines among them) as a bulk job."""

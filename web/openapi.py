@@ -137,7 +137,7 @@ class DeadLetters(Open):
 
 class RefundDone(Open):
     refund = fields.Nested(views.RefundView, required=True)
-    created = fields.Boolean(required=True)
+    changed = fields.Boolean(required=True)
     enrollment = fields.Nested(Enrollment, required=True)
 
 
@@ -150,6 +150,10 @@ class Flags(Open):
 
 
 class ReconciliationRun(views.ReconciliationRunView, Open):
+    paid_not_enrolled = fields.List(fields.Integer(allow_none=True))
+    enrolled_not_paid = fields.List(fields.Integer(allow_none=True))
+    amount_mismatch = fields.List(fields.Integer(allow_none=True))
+    errors = fields.List(fields.String())
     findings = fields.List(fields.Nested(views.FindingView))
 
 
@@ -430,7 +434,7 @@ OPERATIONS = [
     ),
     Operation(
         "post",
-        "/api/admin/statements/{statement_id}/confirm",
+        "/api/admin/statements/{statement_id}/approve-exact",
         "Approve the statement's exact matches as one bulk job",
         {200: Confirmation, 202: Confirmation},
         (*ADMIN, 404),

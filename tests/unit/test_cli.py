@@ -90,3 +90,26 @@ def test_tokens_expire_and_are_revoked_from_standard_input(tmp_path):
     )
     assert revoke.returncode == 0 and "revoked 1" in revoke.stderr
     assert first not in revoke.stderr + revoke.stdout
+
+
+def test_statements_and_refunds_from_the_command_line(tmp_path):
+    assert run(["db", "upgrade"], tmp_path).returncode == 0
+    assert run(["users", "create", "--email", "boss@example.com", "--role", "admin"], tmp_path)
+    statement = tmp_path / "nov.csv"
+    statement.write_text("Date,Description,Amount\n2026-11-20,SOMEONE,499.00\n20/11/2026,FEE,-5\n")
+    first = run(["statements", "import", str(statement)], tmp_path)  # the only admin acts
+    assert first.returncode == 0, first.stderr
+    assert "statement 1: 2 line(s), 0 imported before" in first.stderr
+    assert "unmatched" in first.stdout and "no EFT enrollment waits for R 499.00" in first.stdout
+    assert "ignored" in first.stdout
+    again = run(["statements", "import", str(statement), "--approve-exact"], tmp_path)
+    assert again.returncode == 0 and "imported before: nothing imported again" in again.stderr
+    assert "nothing left to confirm" in again.stderr
+    statement.write_text("Date,Description,Amount\n2026-11-20,SOMEONE,4,99\n")
+    bad = run(["statements", "import", str(statement)], tmp_path)
+    assert bad.returncode == 1 and "line 2: 4 columns where the header has 3" in bad.stderr
+    missing = run(["refund", "7", "--reason", "asked"], tmp_path)
+    assert missing.returncode == 1 and "enrollment 7 does not exist" in missing.stderr
+    assert run(["users", "create", "--email", "two@example.com", "--role", "admin"], tmp_path)
+    who = run(["refund", "7", "--reason", "asked"], tmp_path)
+    assert who.returncode == 1 and "--admin EMAIL" in who.stderr

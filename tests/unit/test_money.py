@@ -59,7 +59,9 @@ def history_to(session, enrollment_id, state):
     )
 
 
-def test_a_full_refund_ends_access_and_a_second_is_refused(session, settings, gateway, admin):
+def test_a_full_refund_ends_access_and_asking_again_refunds_nothing(
+    session, settings, gateway, admin
+):
     enrollment, payment = paid_card(session, gateway)
     result = refund_enrollment(
         session, settings, gateway, enrollment.id, admin, reason="changed their mind"
@@ -78,8 +80,12 @@ def test_a_full_refund_ends_access_and_a_second_is_refused(session, settings, ga
         )
     ).all()
     assert sorted(kinds) == ["admins", "student"]
+    again = refund_enrollment(session, settings, gateway, enrollment.id, admin, reason="again")
+    assert not again.created and again.refund.id == result.refund.id  # asked again: the same
     with pytest.raises(InvalidTransition, match="only an approved enrollment"):
-        refund_enrollment(session, settings, gateway, enrollment.id, admin, reason="again")
+        refund_enrollment(
+            session, settings, gateway, enrollment.id, admin, reason="more", amount_cents=1
+        )
     assert session.scalar(select(func.count()).select_from(Refund)) == 1
 
 

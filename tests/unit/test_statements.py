@@ -101,6 +101,7 @@ def test_a_csv_without_a_header_by_column_numbers_and_decimal_commas(settings):
         ),
         ("Date,Description,Amount\n2026/11/20,x,ten rand\n", "line 2: cannot read the amount"),
         ("Date,Description,Amount\n2026/11/20,x\n", "line 2: expected at least 3 columns"),
+        ("Date,Description,Amount\n2026/11/20,x,4,99\n", "line 2: 4 columns where the header"),
         ("Date,Description,Amount\n2026/11/20,\x00,1\n", "NUL"),
     ],
 )
