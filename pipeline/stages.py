@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -145,12 +145,13 @@ def route_approval(session: Session, event: WebhookEvent, ctx: StageContext) -> 
             select(Payment.reference).where(
                 Payment.enrollment_id == enrollment.id,
                 Payment.id != payment.id,
-                Payment.gateway_status == SUCCESS,
+                or_(Payment.gateway_status == SUCCESS, Payment.method == PaymentMethod.EFT),
             )
         )
         if other is not None:
-            # An earlier link, still payable, was paid after a later one: the student paid
-            # twice. Access stays; an admin refunds one.
+            # An earlier link, still payable, was paid after the enrollment was approved on
+            # another payment (a later link, or a bank transfer): the student paid twice.
+            # Access stays; an admin refunds one.
             reason = f"paid twice: {payment.reference} after {other}; refund one of them"
             raise_flag(session, ctx.settings, enrollment, "paid_twice", reason, "webhook")
             event.decision = {"target": None, "reason": reason}

@@ -327,3 +327,21 @@ def test_an_earlier_link_paid_after_approval_is_flagged_as_paid_twice(session, s
     flag = session.scalar(select(EnrollmentFlag))
     assert (flag.enrollment_id, flag.kind) == (enrollment.id, "paid_twice")
     assert paid.reference in flag.reason and enrollment.state == State.APPROVED
+
+
+def test_a_card_link_paid_after_a_bank_transfer_was_approved_is_paid_twice(
+    session, settings, gateway
+):
+    enrollment, transfer = make_enrollment(session, method="eft", state=State.APPROVED)
+    _, link = make_enrollment(session, state=State.PENDING_PAYMENT)
+    link.enrollment_id = enrollment.id
+    session.flush()
+    event = stored_callback(session, settings, callback_body(link, "SUCCESS"))
+    event.enrollment_id, event.payment_id, event.callback_status = (
+        enrollment.id,
+        link.id,
+        "SUCCESS",
+    )
+    event.payment_type = "card"
+    stages.route_approval(session, event, StageContext(settings, gateway))
+    assert f"paid twice: {link.reference} after {transfer.reference}" in event.decision["reason"]
