@@ -188,17 +188,19 @@ def test_an_api_refund_the_gateway_refuses_fails_and_changes_nothing(
 def test_a_late_success_for_a_refunded_payment_changes_nothing(session, settings, gateway, admin):
     enrollment, payment = paid_card(session, gateway)
     refund_enrollment(session, settings, gateway, enrollment.id, admin, reason="r")
-    event = stored_callback(session, settings, callback_body(payment, "SUCCESS", text="late"))
-    event.enrollment_id, event.payment_id, event.callback_status = (
-        enrollment.id,
-        payment.id,
-        "SUCCESS",
-    )
-    event.payment_type = "card"
-    stages.route_approval(session, event, StageContext(settings, gateway))
+    event = routed_success(session, settings, gateway, enrollment, payment)
     assert event.decision == {"target": None, "reason": "this payment was refunded"}
     assert enrollment.state == State.REFUNDED
     assert session.get(WebhookEvent, event.id) is not None
+
+
+def routed_success(session, settings, gateway, enrollment, payment):
+    """A card SUCCESS for this payment, taken through approval routing."""
+    event = stored_callback(session, settings, callback_body(payment, "SUCCESS"))
+    event.enrollment_id, event.payment_id = enrollment.id, payment.id
+    event.callback_status, event.payment_type = "SUCCESS", "card"
+    stages.route_approval(session, event, StageContext(settings, gateway))
+    return event
 
 
 # Reconciliation -------------------------------------------------------------------------------
@@ -315,14 +317,7 @@ def test_an_earlier_link_paid_after_approval_is_flagged_as_paid_twice(session, s
     _, earlier = make_enrollment(session, state=State.PENDING_PAYMENT)
     earlier.enrollment_id = enrollment.id
     session.flush()
-    event = stored_callback(session, settings, callback_body(earlier, "SUCCESS"))
-    event.enrollment_id, event.payment_id, event.callback_status = (
-        enrollment.id,
-        earlier.id,
-        "SUCCESS",
-    )
-    event.payment_type = "card"
-    stages.route_approval(session, event, StageContext(settings, gateway))
+    event = routed_success(session, settings, gateway, enrollment, earlier)
     assert event.decision["target"] is None and "paid twice" in event.decision["reason"]
     flag = session.scalar(select(EnrollmentFlag))
     assert (flag.enrollment_id, flag.kind) == (enrollment.id, "paid_twice")
@@ -336,12 +331,5 @@ def test_a_card_link_paid_after_a_bank_transfer_was_approved_is_paid_twice(
     _, link = make_enrollment(session, state=State.PENDING_PAYMENT)
     link.enrollment_id = enrollment.id
     session.flush()
-    event = stored_callback(session, settings, callback_body(link, "SUCCESS"))
-    event.enrollment_id, event.payment_id, event.callback_status = (
-        enrollment.id,
-        link.id,
-        "SUCCESS",
-    )
-    event.payment_type = "card"
-    stages.route_approval(session, event, StageContext(settings, gateway))
+    event = routed_success(session, settings, gateway, enrollment, link)
     assert f"paid twice: {link.reference} after {transfer.reference}" in event.decision["reason"]
