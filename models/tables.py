@@ -398,7 +398,6 @@ class ReconciliationRun(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     checked: Mapped[int] = mapped_column(Integer, default=0)
-    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class ReconciliationFinding(Base):

@@ -12,7 +12,7 @@ flag is raised. Each run, and what it found, is stored (GET /api/admin/reconcili
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -50,20 +50,27 @@ KINDS = {
 }
 
 
+def counts_by_kind(findings: Iterable[ReconciliationFinding]) -> dict[str, int]:
+    """How many findings of each kind (every kind, zero included)."""
+    counts = dict.fromkeys(KINDS, 0)
+    for finding in findings:
+        counts[finding.kind] += 1
+    return counts
+
+
 @dataclass
 class ReconcileReport:
     run_id: int | None = None
     checked: int = 0
     fed: list[int] = field(default_factory=list)  # event ids fed into the pipeline
-    unchanged: int = 0
     findings: list[ReconciliationFinding] = field(default_factory=list)
 
     def count(self, kind: str) -> int:
-        return sum(1 for f in self.findings if f.kind == kind)
+        return self.counts[kind]
 
     @property
     def counts(self) -> dict[str, int]:
-        return {kind: self.count(kind) for kind in KINDS}
+        return counts_by_kind(self.findings)
 
     @property
     def errors(self) -> list[str]:
@@ -230,7 +237,6 @@ def reconcile(
             session, settings, gateway, payment, enqueue, source="reconcile", answer=answer
         )
         if received is None or received.duplicate:
-            report.unchanged += 1
             continue
         report.fed.append(received.event_id)
         if answer.paid:
@@ -248,7 +254,7 @@ def reconcile(
     for paylink_id, answer in history.items():
         if answer.paid and paylink_id not in ours:
             found("unknown_payment", "reported", f"paylink {paylink_id} is paid but not ours")
-    run.checked, run.counts, run.finished_at = report.checked, report.counts, utcnow()
+    run.checked, run.finished_at = report.checked, utcnow()
     session.flush()
     return report
 

@@ -21,6 +21,7 @@ from pipeline.dead_letters import list_dead_letters, replay_dead_letter
 from pipeline.decisions import approve_enrollment, needs_individual_review, reject_enrollment
 from pipeline.errors import NotFound, canonical_uuid
 from pipeline.flags import clear_flag, open_flags
+from pipeline.reconcile import counts_by_kind
 from pipeline.refunds import refund_enrollment
 from pipeline.state_machine import Transition
 from web.auth import current_user, db, require_admin
@@ -260,6 +261,7 @@ def reconciliation():
     items = []
     for run in runs:
         view = ReconciliationRunView().dump(run)
+        view["counts"] = counts_by_kind(findings[run.id])
         for kind in ("paid_not_enrolled", "enrolled_not_paid", "amount_mismatch"):
             view[kind] = [f.enrollment_id for f in findings[run.id] if f.kind == kind]
         view["errors"] = [f.detail for f in findings[run.id] if f.kind == "error"]

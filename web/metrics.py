@@ -15,6 +15,7 @@ from models import (
     DeadLetter,
     Enrollment,
     EnrollmentFlag,
+    ReconciliationFinding,
     ReconciliationRun,
     StatementLine,
     WebhookEvent,
@@ -94,8 +95,17 @@ def _money_checks(s) -> list[GaugeMetricFamily]:
         .order_by(ReconciliationRun.id.desc())
         .limit(1)
     )
-    for kind in KINDS:
-        findings.add_metric([kind], (last.counts or {}).get(kind, 0) if last else 0)
+    counts = dict.fromkeys(KINDS, 0)
+    if last is not None:
+        counts.update(
+            s.execute(
+                select(ReconciliationFinding.kind, func.count())
+                .where(ReconciliationFinding.run_id == last.id)
+                .group_by(ReconciliationFinding.kind)
+            ).all()
+        )
+    for kind, count in counts.items():
+        findings.add_metric([kind], count)
     finished = GaugeMetricFamily(
         "skillpay_reconciliation_last_run_timestamp_seconds",
         "When the latest reconciliation run finished (Unix time; 0: never)",
@@ -124,4 +134,5 @@ def _money_checks(s) -> list[GaugeMetricFamily]:
     return [findings, finished, flagged, proposed]
 
 
-REGISTRY.register(DatabaseCollector())
+DATABASE_GAUGES = DatabaseCollector()
+REGISTRY.register(DATABASE_GAUGES)

@@ -150,6 +150,7 @@ class Flags(Open):
 
 
 class ReconciliationRun(views.ReconciliationRunView, Open):
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
     paid_not_enrolled = fields.List(fields.Integer(allow_none=True))
     enrolled_not_paid = fields.List(fields.Integer(allow_none=True))
     amount_mismatch = fields.List(fields.Integer(allow_none=True))

@@ -139,7 +139,6 @@ class ReconciliationRunView(Schema):
     started_at = fields.DateTime()
     finished_at = fields.DateTime(allow_none=True)
     checked = fields.Integer()
-    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
 
 
 class StatementView(Schema):

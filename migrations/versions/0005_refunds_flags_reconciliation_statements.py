@@ -24,7 +24,6 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("checked", sa.Integer(), nullable=False),
-        sa.Column("counts", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_reconciliation_runs")),
     )
     op.create_index(
