@@ -448,24 +448,17 @@ def _propose(
 
 
 def waiting_transfers_by_amount(session: Session, amounts: set[int]) -> dict[int, list[int]]:
-    """EFT enrollments waiting for approval, by the amount of their latest payment."""
+    """EFT enrollments waiting for approval, by the amount of their bank-transfer payment (an
+    enrollment has one: EFT is chosen once, at checkout or at a retry after a failed card)."""
     if not amounts:
         return {}
-    latest = (
-        select(Payment.enrollment_id, func.max(Payment.created_at).label("at"))
-        .group_by(Payment.enrollment_id)
-        .subquery()
-    )
     rows = session.execute(
         select(Payment.amount_cents, Enrollment.id)
         .join(Enrollment, Enrollment.id == Payment.enrollment_id)
-        .join(
-            latest,
-            (latest.c.enrollment_id == Payment.enrollment_id) & (latest.c.at == Payment.created_at),
-        )
         .where(
             Enrollment.state == State.PENDING_APPROVAL,
             Enrollment.payment_method == PaymentMethod.EFT,
+            Payment.method == PaymentMethod.EFT,
             Payment.amount_cents.in_(amounts),
         )
         .order_by(Enrollment.id)
