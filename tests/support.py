@@ -295,3 +295,39 @@ def stored_callback(session, settings: Settings, body: dict[str, Any], **sign_kw
         enqueue=lambda *a: None,
     )
     return session.get(WebhookEvent, received.event_id)
+
+
+def enroll(web: str, auth: dict[str, str], course_id: int, method: str = "card") -> Any:
+    """A student enrolls over HTTP; the new (or open) enrollment."""
+    import requests
+
+    response = requests.post(
+        f"{web}/api/enrollments",
+        json={"course_id": course_id, "payment_method": method},
+        headers=auth,
+        timeout=10,
+    )
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+def enrollment_state(web: str, auth: dict[str, str], enrollment_id: int) -> Any:
+    """GET /api/enrollments/<id> as that caller sees it."""
+    import requests
+
+    return requests.get(f"{web}/api/enrollments/{enrollment_id}", headers=auth, timeout=10).json()
+
+
+def settle_link(simulator: str, paylink_url: str, status: str = "SUCCESS", times: int = 1) -> str:
+    """Settle a link at the simulator, delivering its callback `times` times (0: never).
+    Returns the link id."""
+    import requests
+
+    link_id = paylink_url.rsplit("/", 1)[1]
+    answer = requests.post(
+        f"{simulator}/_sim/links/{link_id}/settle",
+        json={"status": status, "times": times},
+        timeout=10,
+    )
+    assert answer.ok and answer.json()["status"] == status, answer.text
+    return link_id

@@ -7,7 +7,8 @@ import requests
 from sqlalchemy import select
 
 from models import EnrollmentHistory, Payment, WebhookEvent
-from tests.support import make_course, make_user, wait_for
+from tests.support import enroll, make_course, make_user, settle_link, wait_for
+from tests.support import enrollment_state as state
 
 pytestmark = pytest.mark.integration
 
@@ -20,31 +21,9 @@ def student(db):
     return course, {"Authorization": f"Bearer {token}"}
 
 
-def enroll(web, auth, course_id, method="card"):
-    response = requests.post(
-        f"{web}/api/enrollments",
-        json={"course_id": course_id, "payment_method": method},
-        headers=auth,
-        timeout=10,
-    )
-    assert response.status_code in (200, 201), response.text
-    return response.json()
-
-
-def state(web, auth, enrollment_id):
-    return requests.get(f"{web}/api/enrollments/{enrollment_id}", headers=auth, timeout=10).json()
-
-
 def paid_without_callback(simulator, enrollment) -> str:
     """The link is paid at the simulator, whose callback never comes. Returns the link id."""
-    link_id = enrollment["paylink_url"].rsplit("/", 1)[1]
-    settled = requests.post(
-        f"{simulator}/_sim/links/{link_id}/settle",
-        json={"status": "SUCCESS", "times": 0},
-        timeout=10,
-    )
-    assert settled.json()["status"] == "SUCCESS"
-    return link_id
+    return settle_link(simulator, enrollment["paylink_url"], times=0)
 
 
 def card(web, auth, course_id):

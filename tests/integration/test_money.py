@@ -22,7 +22,8 @@ from models import (
     WebhookEvent,
 )
 from tests.integration.conftest import start_web
-from tests.support import make_course, make_user, wait_for
+from tests.support import enroll, make_course, make_user, settle_link, wait_for
+from tests.support import enrollment_state as enrollment
 
 pytestmark = pytest.mark.integration
 
@@ -40,36 +41,10 @@ def people(db):
     )
 
 
-def enroll(web, auth, course_id, method="card"):
-    response = requests.post(
-        f"{web}/api/enrollments",
-        json={"course_id": course_id, "payment_method": method},
-        headers=auth,
-        timeout=10,
-    )
-    assert response.status_code in (200, 201), response.text
-    return response.json()
-
-
-def enrollment(web, auth, enrollment_id):
-    return requests.get(f"{web}/api/enrollments/{enrollment_id}", headers=auth, timeout=10).json()
-
-
-def settle(simulator, paylink_url, status="SUCCESS", times=1):
-    link_id = paylink_url.rsplit("/", 1)[1]
-    answer = requests.post(
-        f"{simulator}/_sim/links/{link_id}/settle",
-        json={"status": status, "times": times},
-        timeout=10,
-    )
-    assert answer.ok, answer.text
-    return link_id
-
-
 def paid_card(web, simulator, auth, course_id):
     """A card enrollment approved through the pipeline by its SUCCESS callback."""
     started = enroll(web, auth, course_id)
-    settle(simulator, started["paylink_url"])
+    settle_link(simulator, started["paylink_url"])
     wait_for(lambda: enrollment(web, auth, started["id"])["state"] == "approved")
     return started
 
@@ -120,10 +95,10 @@ def test_a_refund_racing_a_late_payment_of_an_earlier_link(web, simulator, worke
     second payment is never lost: flagged as paid twice, or dead-lettered for a person."""
     course, (admin, _), student = people
     first = enroll(web, student, course.id)
-    settle(simulator, first["paylink_url"], status="FAILURE")
+    settle_link(simulator, first["paylink_url"], status="FAILURE")
     wait_for(lambda: enrollment(web, student, first["id"])["state"] == "payment_failed")
     retry = enroll(web, student, course.id)
-    settle(simulator, retry["paylink_url"])
+    settle_link(simulator, retry["paylink_url"])
     wait_for(lambda: enrollment(web, student, first["id"])["state"] == "approved")
     first_link = first["paylink_url"].rsplit("/", 1)[1]
 
@@ -189,7 +164,7 @@ def test_reconciliation_finds_both_directions_and_never_revokes(
 ):
     course, (admin, _), student = people
     lost = enroll(web, student, course.id)  # paid, its callback never came
-    settle(simulator, lost["paylink_url"], times=0)
+    settle_link(simulator, lost["paylink_url"], times=0)
     other_course = make_course(db, price_cents=5000)
     late_course = make_course(db, price_cents=7000)
     db.commit()
@@ -207,7 +182,7 @@ def test_reconciliation_finds_both_directions_and_never_revokes(
     late = enroll(web, student, late_course.id)  # expired unpaid, then paid; callback lost
     db.execute(update(Enrollment).where(Enrollment.id == late["id"]).values(state=State.EXPIRED))
     db.commit()
-    settle(simulator, late["paylink_url"], times=0)
+    settle_link(simulator, late["paylink_url"], times=0)
 
     skillpay = str(Path(sys.executable).parent / "skillpay")
     result = subprocess.run(
