@@ -136,12 +136,12 @@ def users_create(email: str, role: str, expires_in: str) -> None:
 @expires_in_option
 def users_token(email: str, expires_in: str) -> None:
     """Issue another token for an existing user and print it."""
-    from models import User, session_scope
-    from pipeline.accounts import issue_token
+    from models import session_scope
+    from pipeline.accounts import find_user, issue_token
 
     lifetime = _expiry(expires_in)
     with session_scope() as session:
-        user = session.scalar(select(User).where(User.email == email.strip().lower()))
+        user = find_user(session, email)
         if user is None:
             _fail(f"no user with email {email}")
         token = issue_token(session, user, lifetime)
@@ -311,10 +311,11 @@ def reconcile_cmd(settings: Settings, older_than_minutes: int) -> None:
 def _admin(email: str | None):
     """The admin a command acts as, recorded as who did it: --admin, or the only admin."""
     from models import Role, User, session_scope
+    from pipeline.accounts import find_user
 
     with session_scope() as session:
         if email:
-            admin = session.scalar(select(User).where(User.email == email.strip().lower()))
+            admin = find_user(session, email)
             if admin is None or not admin.is_admin:
                 _fail(f"{email} is not an admin")
         else:

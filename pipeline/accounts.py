@@ -78,9 +78,14 @@ def user_for_token(session: Session, token: str) -> User | None:
     return row.user if row is not None else None
 
 
+def find_user(session: Session, email: str) -> User | None:
+    """The user with this e-mail address (any case, spaces around ignored)."""
+    return session.scalar(select(User).where(User.email == email.strip().lower()))
+
+
 def revoke_tokens(session: Session, email: str, token: str | None = None) -> int:
     """Revoke one token of a user, or all of them. Returns how many were revoked."""
-    user = session.scalar(select(User).where(User.email == email.strip().lower()))
+    user = find_user(session, email)
     if user is None:
         raise NotFound(f"no user with email {email}")
     stmt = update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
