@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Payment
+from pipeline.ikhokha import LinkStatus
 
 REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
@@ -15,6 +16,19 @@ REFERENCE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 def new_reference() -> str:
     """A payment reference a student types into a bank transfer: no 0/O or 1/I to confuse."""
     return "SP-" + "".join(secrets.choice(REFERENCE_ALPHABET) for _ in range(8))
+
+
+def disagreements(answer: LinkStatus, payment: Payment) -> list[str]:
+    """How iKhokha's answer about a link disagrees with our payment: empty when it confirms
+    it paid, for the amount we asked (an answer without an amount is taken as agreeing)."""
+    reasons = []
+    if not answer.paid:
+        reasons.append(f"iKhokha's status endpoint says {answer.status}, not SUCCESS")
+    if answer.amount_cents is not None and answer.amount_cents != payment.amount_cents:
+        reasons.append(
+            f"iKhokha reports {answer.amount_cents} cents, expected {payment.amount_cents}"
+        )
+    return reasons
 
 
 def latest_payment(session: Session, enrollment_id: int) -> Payment | None:

@@ -35,6 +35,7 @@ from pipeline.errors import GatewayError
 from pipeline.flags import raise_flag
 from pipeline.ikhokha import Gateway, LinkStatus, parse_status
 from pipeline.inbox import Received, receive_status_answer
+from pipeline.payments import disagreements
 
 log = structlog.get_logger(__name__)
 
@@ -271,34 +272,20 @@ def _confirm_approval(
     endpoint says otherwise (history alone never flags anything)."""
     assert payment.paylink_id is not None
     answer = history.get(payment.paylink_id)
-    if not _agrees(answer, payment):
+    if answer is None or disagreements(answer, payment):
         try:
             answer = gateway.get_status(payment.paylink_id)
         except GatewayError as exc:
             found("error", "reported", f"{payment.reference}: {exc.message}", payment)
             return
-    assert answer is not None
-    if _agrees(answer, payment):
+    reasons = disagreements(answer, payment)
+    if not reasons:
         payment.reconciled_at = utcnow()
         return
-    if not answer.paid:
-        kind, why = "enrolled_not_paid", f"iKhokha reports {answer.status}, not SUCCESS"
-    else:
-        kind, why = (
-            "amount_mismatch",
-            f"iKhokha reports {answer.amount_cents} cents, expected {payment.amount_cents}",
-        )
-    detail = f"{payment.reference}: approved, but {why}"
+    kind = "amount_mismatch" if answer.paid else "enrolled_not_paid"
+    detail = f"{payment.reference}: approved, but " + "; ".join(reasons)
     raise_flag(session, settings, payment.enrollment, kind, detail, "reconcile")
     found(kind, "flagged", detail, payment)
-
-
-def _agrees(answer: LinkStatus | None, payment: Payment) -> bool:
-    return (
-        answer is not None
-        and answer.paid
-        and (answer.amount_cents is None or answer.amount_cents == payment.amount_cents)
-    )
 
 
 def _trusted(answer: LinkStatus | None) -> LinkStatus | None:

@@ -27,7 +27,7 @@ from pipeline.flags import raise_flag
 from pipeline.ikhokha import Gateway, LinkStatus
 from pipeline.inbox import FIRST_STAGE, authenticate
 from pipeline.notify import notify
-from pipeline.payments import find_payment, latest_payment
+from pipeline.payments import disagreements, find_payment, latest_payment
 from pipeline.state_machine import Outcome, Transition, transition_enrollment
 
 
@@ -187,14 +187,7 @@ def _unconfirmed(answer: LinkStatus | None, payment: Payment) -> list[str]:
     """Why iKhokha's answer does not confirm the payment; empty when it does."""
     if answer is None:
         return ["cannot confirm with iKhokha: no paylink id"]
-    reasons = []
-    if not answer.paid:
-        reasons.append(f"iKhokha's status endpoint says {answer.status}, not SUCCESS")
-    if answer.amount_cents is not None and answer.amount_cents != payment.amount_cents:
-        reasons.append(
-            f"iKhokha reports {answer.amount_cents} cents, expected {payment.amount_cents}"
-        )
-    return reasons
+    return disagreements(answer, payment)
 
 
 def update_status(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
