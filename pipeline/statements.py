@@ -363,7 +363,8 @@ def import_statement(
 
 def propose(session: Session, lines: Sequence[ParsedLine]) -> list[dict[str, object]]:
     """What each line matches, and why: reference, enrollment_id, match, reason."""
-    refs = {ref for line in lines for ref in find_references(line.description)}
+    found_in = [find_references(line.description) for line in lines]
+    refs = {ref for found in found_in for ref in found}
     by_ref = {
         p.reference: p
         for p in session.scalars(
@@ -384,8 +385,7 @@ def propose(session: Session, lines: Sequence[ParsedLine]) -> list[dict[str, obj
         session, {line.amount_cents for line in lines if line.amount_cents > 0}
     )
     proposals: list[dict[str, object]] = []
-    for line in lines:
-        found = find_references(line.description)
+    for line, found in zip(lines, found_in, strict=True):
         ref = found[0] if len(found) == 1 else None
         proposal = _propose(line, found, by_ref.get(ref) if ref else None, taken, waiting)
         proposals.append({"reference": ref, **proposal})
