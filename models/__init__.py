@@ -11,6 +11,7 @@ from models.db import (
 from models.tables import (
     OPEN_STATES,
     ApiToken,
+    ApprovalRequest,
     BankStatement,
     Base,
     BulkJob,
@@ -41,6 +42,7 @@ from models.tables import (
 __all__ = [
     "OPEN_STATES",
     "ApiToken",
+    "ApprovalRequest",
     "BankStatement",
     "Base",
     "BulkJob",

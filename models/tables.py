@@ -146,6 +146,8 @@ class Enrollment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     approved_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When it last began to wait for an admin: the approval queue's SLA clock.
+    waiting_since: Mapped[datetime | None] = mapped_column(default=None)
     user: Mapped[User] = relationship()
     course: Mapped[Course] = relationship()
 
@@ -158,6 +160,7 @@ class Enrollment(Base):
             postgresql_where=text("state IN ('pending_payment','pending_approval','approved')"),
             sqlite_where=text("state IN ('pending_payment','pending_approval','approved')"),
         ),
+        Index("ix_enrollments_state_waiting_since", "state", "waiting_since"),
     )
 
     @property
@@ -233,7 +236,8 @@ class StageAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(16))  # ok | skipped | retry | failed
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_ms: Mapped[float] = mapped_column(default=0.0)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Indexed for /metrics: the durations of the last few minutes, per stage.
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class DeadLetter(Base):
@@ -459,5 +463,31 @@ class StatementLine(Base):
             unique=True,
             postgresql_where=text("match = 'exact'"),
             sqlite_where=text("match = 'exact'"),
+        ),
+    )
+
+
+class ApprovalRequest(Base):
+    """Four-eyes approval: an admin asked to approve an enrollment above
+    SKILLPAY_FOUR_EYES_ABOVE_CENTS; it is approved when another admin confirms."""
+
+    __tablename__ = "approval_requests"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    requested_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    confirmed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    confirmed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Closed without an approval: the enrollment was rejected or left the queue.
+    cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        Index(
+            "uq_approval_requests_open",
+            "enrollment_id",
+            unique=True,
+            postgresql_where=text("confirmed_at IS NULL AND cancelled_at IS NULL"),
+            sqlite_where=text("confirmed_at IS NULL AND cancelled_at IS NULL"),
         ),
     )

@@ -128,6 +128,8 @@ def _enter(enrollment: Enrollment, state: State, reason: str | None, at: datetim
     enrollment.updated_at = at
     if state == State.APPROVED:
         enrollment.approved_at = at
+    # The approval queue's SLA clock runs from the latest move into the queue.
+    enrollment.waiting_since = at if state == State.PENDING_APPROVAL else None
     if state == State.PENDING_APPROVAL:
         enrollment.waiting_reason = reason
     if state == State.REJECTED:
