@@ -413,7 +413,8 @@ def statements_import(
 
     from models import session_scope
     from pipeline.errors import SkillpayError
-    from pipeline.statements import import_statement, rand
+    from pipeline.payments import rand
+    from pipeline.statements import import_statement
 
     admin = _admin(admin_email)
     path = Path(file)

@@ -80,6 +80,13 @@ class Settings:
     # (0: never). Only plain bank transfers expire: one parked with money seen (an amount
     # mismatch, a proposed statement match) waits for an admin however long it takes.
     eft_approval_expiry_days: int = 14
+    # The approval queue's service level: each waiting row shows how long it has waited
+    # against this target, /metrics exports it beside the oldest wait, and an alert fires
+    # when the oldest wait passes it.
+    approval_sla_hours: float = 24.0
+    # Four-eyes approval: an enrollment whose payment is above this amount (cents) is
+    # approved only when a second admin confirms the first one's approval (0: off).
+    four_eyes_above_cents: int = 0
     # Bank statements (CSV): the header names to look for (comma-separated alternatives,
     # case-insensitive) or 1-based column numbers for a file without a header, the date
     # formats to try in order, and whether amounts use a decimal comma (1 234,56).
@@ -128,6 +135,8 @@ class Settings:
     # refuses to start without one of them.
     flower_basic_auth: str = field(default="", repr=False)
     flower_auth_provider: str = ""
+    # Where operators reach Flower (the console links to it; empty: no link).
+    flower_url: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -247,6 +256,11 @@ class Settings:
                 "SKILLPAY_EFT_APPROVAL_EXPIRY_DAYS at least 0"
             )
         found.extend(self.broker_problems())
+        if self.approval_sla_hours <= 0 or self.four_eyes_above_cents < 0:
+            found.append(
+                "SKILLPAY_APPROVAL_SLA_HOURS must be more than 0, "
+                "SKILLPAY_FOUR_EYES_ABOVE_CENTS at least 0 (0: off)"
+            )
         if not 0 < self.card_min_confidence <= 1:
             found.append("SKILLPAY_CARD_MIN_CONFIDENCE must be in (0, 1]")
         if self.app_env == "test" and self.ikhokha_app_secret == DEV_APP_SECRET:

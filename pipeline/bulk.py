@@ -1,7 +1,8 @@
 """Bulk approval: a job of many enrollments, approved in batches, resumable and idempotent.
 
 Only plain bank transfers are approved in bulk; an enrollment parked for anything else (see
-decisions.needs_individual_review) is skipped with its reason, for an admin to approve alone.
+decisions.needs_individual_review), or above the four-eyes amount, is skipped with its reason,
+for admins to approve on its own.
 
 Each batch is one transaction that claims its items with SKIP LOCKED, so two workers on the
 same job (a redelivered message, a sweeper re-drive) never take the same item, and a worker
@@ -18,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models import BulkJob, BulkJobItem, Enrollment, State, User, on_commit, session_scope, utcnow
-from pipeline.decisions import needs_individual_review
+from pipeline.decisions import needs_individual_review, needs_two_admins
 from pipeline.errors import InvalidRequest, NotFound, describe, is_transient
 from pipeline.notify import notify
+from pipeline.payments import amounts_due
 from pipeline.state_machine import Outcome, Transition, transition_enrollments
 
 BATCH_SIZE = 500
@@ -93,16 +95,24 @@ def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> 
                 job.state = "done"
                 job.finished_at = now
             return 0
+        ids = [item.enrollment_id for item in items]
+        amounts = amounts_due(session, ids) if settings.four_eyes_above_cents else {}
+
+        def refuse(enrollment: Enrollment) -> str | None:
+            if needs_two_admins(settings, amounts.get(enrollment.id)):
+                return "above the four-eyes amount: two admins approve it on its own"
+            return _flagged(enrollment)
+
         results = transition_enrollments(
             session,
-            [item.enrollment_id for item in items],
+            ids,
             State.APPROVED,
             actor=f"admin:{job.admin_user_id}",
             actor_user_id=job.admin_user_id,
             source="admin_bulk",
             reason=f"bulk approval job {job_id}",
             only_from=frozenset({State.PENDING_APPROVAL}),
-            refuse_if=_flagged,
+            refuse_if=refuse,
         )
         for item in items:
             result = results[item.enrollment_id]

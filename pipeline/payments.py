@@ -40,6 +40,23 @@ def latest_payment(session: Session, enrollment_id: int) -> Payment | None:
     )
 
 
+def rand(cents: int) -> str:
+    """An amount as admins read it: R 1,499.00."""
+    return f"R {cents / 100:,.2f}"
+
+
+def amounts_due(session: Session, enrollment_ids: list[int]) -> dict[int, int]:
+    """Each enrollment's latest payment amount (cents), in one query."""
+    due: dict[int, int] = {}
+    for enrollment_id, amount in session.execute(
+        select(Payment.enrollment_id, Payment.amount_cents)
+        .where(Payment.enrollment_id.in_(enrollment_ids))
+        .order_by(Payment.created_at)
+    ):
+        due[enrollment_id] = amount  # the latest wins
+    return due
+
+
 def find_payment(
     session: Session, paylink_id: str | None, external_id: str | None
 ) -> Payment | None:

@@ -46,7 +46,7 @@ from models import (
 )
 from pipeline import bulk
 from pipeline.errors import Conflict, InvalidRequest, NotFound
-from pipeline.payments import REFERENCE_ALPHABET
+from pipeline.payments import REFERENCE_ALPHABET, rand
 
 MAX_BYTES = 5 * 1024 * 1024
 MAX_LINES = 50_000
@@ -74,10 +74,6 @@ class ParsedLine:
     description: str
     amount_cents: int
     bank_id: str | None = None  # OFX's FITID, the bank's own id for the transaction
-
-
-def rand(cents: int) -> str:
-    return f"R {cents / 100:,.2f}"
 
 
 def find_references(description: str) -> list[str]:

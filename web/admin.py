@@ -9,21 +9,34 @@ from flask import Blueprint, jsonify, request
 from sqlalchemy import func, select
 
 from models import (
+    ApprovalRequest,
     BankStatement,
     Enrollment,
     EnrollmentHistory,
     ReconciliationFinding,
     ReconciliationRun,
+    State,
     utcnow,
 )
 from pipeline import bulk, statements
-from pipeline.dead_letters import list_dead_letters, replay_dead_letter
-from pipeline.decisions import approve_enrollment, needs_individual_review, reject_enrollment
+from pipeline.dead_letters import (
+    list_dead_letters,
+    open_letters_by_enrollment,
+    replay_dead_letter,
+)
+from pipeline.decisions import (
+    Decision,
+    approve_enrollment,
+    needs_individual_review,
+    needs_two_admins,
+    open_requests,
+    reject_enrollment,
+)
 from pipeline.errors import NotFound, canonical_uuid
 from pipeline.flags import clear_flag, open_flags
+from pipeline.payments import rand
 from pipeline.reconcile import counts_by_kind
 from pipeline.refunds import refund_enrollment
-from pipeline.state_machine import Transition
 from web.auth import current_user, db, require_admin
 from web.extensions import gateway, settings, task_queue
 from web.schemas import (
@@ -40,7 +53,9 @@ from web.schemas import (
     load_query,
 )
 from web.views import (
+    ApprovalRequestView,
     AuditEntryView,
+    DeadLetterView,
     FindingView,
     FlagView,
     ReconciliationRunView,
@@ -70,19 +85,50 @@ def queue():
             Enrollment.created_at <= utcnow() - timedelta(minutes=q["older_than_minutes"])
         )
     total = db().scalar(select(func.count()).select_from(stmt.subquery()))
-    rows = db().scalars(
-        stmt.order_by(Enrollment.created_at, Enrollment.id)
-        .offset((q["page"] - 1) * q["per_page"])
-        .limit(q["per_page"])
+    order = [Enrollment.waiting_since, Enrollment.created_at, Enrollment.id]
+    if q["sort"] == "-waiting":
+        order = [column.desc() for column in order]
+    rows = list(
+        db().scalars(
+            stmt.order_by(*order).offset((q["page"] - 1) * q["per_page"]).limit(q["per_page"])
+        )
     )
+    sla = settings().approval_sla_hours * 3600
+    requests = open_requests(db(), [e.id for e in rows])
+    now = utcnow()
     items = []
     for e in rows:
         view = enrollment_view(db(), e, with_history=False)
         view["student_email"] = e.user.email
         view["course_title"] = e.course.title
         view["flagged"] = needs_individual_review(e)
+        view["waiting_since"] = e.waiting_since.isoformat() if e.waiting_since else None
+        if e.waiting_since is not None:
+            waited = (now - e.waiting_since).total_seconds()
+            view.update(waited_seconds=round(waited), overdue=waited > sla)
+        view["four_eyes"] = _four_eyes(view, requests.get(e.id))
         items.append(view)
-    return jsonify({"items": items, "page": q["page"], "per_page": q["per_page"], "total": total})
+    return jsonify(
+        {
+            "items": items,
+            "page": q["page"],
+            "per_page": q["per_page"],
+            "total": total,
+            "sla_seconds": round(sla),
+            "four_eyes_above_cents": settings().four_eyes_above_cents or None,
+        }
+    )
+
+
+def _four_eyes(view: dict, request: ApprovalRequest | None) -> dict | None:
+    """Whether the row needs two admins, and who asked first (None: one admin approves)."""
+    amount = view["payment"]["amount_cents"] if view["payment"] else None
+    if view["state"] != State.PENDING_APPROVAL or not needs_two_admins(settings(), amount):
+        return None
+    return {
+        "request": ApprovalRequestView().dump(request) if request is not None else None,
+        "requested_by_me": request is not None and request.requested_by == current_user().id,
+    }
 
 
 @bp.post("/enrollments/<id:enrollment_id>/approve")
@@ -98,13 +144,22 @@ def reject(enrollment_id: int):
     return _decided(reject_enrollment(db(), settings(), enrollment_id, current_user(), reason))
 
 
-def _decided(result: Transition):
-    """Commit an admin's decision and answer with the enrollment and whether it changed."""
+def _decided(decision: Decision):
+    """Commit an admin's decision and answer with the enrollment and whether it changed;
+    202 when the approval now waits for a second admin (four-eyes)."""
     session = db()
     session.commit()
+    result = decision.transition
     assert result.enrollment is not None
     view = enrollment_view(session, result.enrollment)
     view["changed"] = result.changed
+    if decision.awaiting is not None:
+        view["four_eyes"] = ApprovalRequestView().dump(decision.awaiting)
+        view["message"] = (
+            f"{rand(decision.awaiting.amount_cents)} is above the four-eyes amount "
+            f"({rand(settings().four_eyes_above_cents)}): another admin must approve it too"
+        )
+        return jsonify(view), 202
     if not result.changed:
         view["message"] = f"already {result.enrollment.state}; nothing changed"
     return jsonify(view)
@@ -215,16 +270,37 @@ def refund(enrollment_id: int):
 @bp.get("/attention")
 @require_admin
 def attention():
-    """Enrollments flagged for an admin (reconciliation's findings), oldest first."""
+    """What needs an admin, oldest first: enrollments flagged (reconciliation's findings, a
+    payment made twice) and dead-lettered events whose enrollment is known."""
     q = load_query(PageQuery())
     session = db()
+    # The page is cut from both lists merged by time: take enough of each.
+    end = q["page"] * q["per_page"]
     items = []
-    for flag in open_flags(session, limit=q["per_page"], offset=(q["page"] - 1) * q["per_page"]):
-        view = FlagView().dump(flag)
-        view["enrollment"] = enrollment_view(session, flag.enrollment, with_history=False)
-        view["enrollment"]["student_email"] = flag.enrollment.user.email
-        items.append(view)
-    return jsonify({"items": items})
+    for flag in open_flags(session, limit=end):
+        items.append(FlagView().dump(flag) | {"enrollment": flag.enrollment})
+    for letter, enrollment_id in open_letters_by_enrollment(session, limit=end):
+        enrollment = session.get(Enrollment, enrollment_id)
+        items.append(
+            {
+                "id": None,
+                "kind": "dead_letter",
+                "dead_letter_id": letter.id,
+                "enrollment_id": enrollment_id,
+                "reason": f"dead letter #{letter.id} at {letter.stage}: {letter.error}",
+                "source": "pipeline",
+                "created_at": DeadLetterView().dump(letter)["created_at"],
+                "stage": letter.stage,
+                "enrollment": enrollment,
+            }
+        )
+    items.sort(key=lambda item: item["created_at"])
+    page = items[end - q["per_page"] : end]
+    for item in page:
+        enrollment = item["enrollment"]
+        item["enrollment"] = enrollment_view(session, enrollment, with_history=False)
+        item["enrollment"]["student_email"] = enrollment.user.email
+    return jsonify({"items": page})
 
 
 @bp.post("/flags/<id:flag_id>/clear")

@@ -120,6 +120,8 @@ class QueueQuery(Schema):
     older_than_minutes = fields.Integer(
         load_default=None, validate=validate.Range(min=0, max=MAX_MINUTES)
     )
+    # waiting: the longest wait first (the SLA's order); -waiting: the newest first.
+    sort = fields.String(load_default="waiting", validate=validate.OneOf(["waiting", "-waiting"]))
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
 

@@ -124,6 +124,17 @@ class FlagView(Schema):
     note = fields.String(allow_none=True)
 
 
+class ApprovalRequestView(Schema):
+    id = fields.Integer()
+    enrollment_id = fields.Integer()
+    amount_cents = fields.Integer()
+    requested_by = fields.Integer()
+    requested_at = fields.DateTime()
+    confirmed_by = fields.Integer(allow_none=True)
+    confirmed_at = fields.DateTime(allow_none=True)
+    cancelled_at = fields.DateTime(allow_none=True)
+
+
 class FindingView(Schema):
     id = fields.Integer()
     kind = fields.String()
