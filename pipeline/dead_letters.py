@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
-from models import DeadLetter, EventState, on_commit, utcnow
+from models import DeadLetter, EventState, Payment, WebhookEvent, on_commit, utcnow
 from pipeline.errors import InvalidTransition, NotFound
 from pipeline.runner import Enqueue, lock_event
 from pipeline.stages import STAGE_NAMES
@@ -50,3 +50,22 @@ def list_dead_letters(
     if not include_replayed:
         stmt = stmt.where(DeadLetter.resolved_at.is_(None))
     return list(session.scalars(stmt.order_by(DeadLetter.id.desc()).offset(offset).limit(limit)))
+
+
+def open_letters_by_enrollment(
+    session: Session, *, limit: int = 100, offset: int = 0
+) -> list[tuple[DeadLetter, int]]:
+    """Dead letters not yet replayed whose enrollment is known (the event reached it, or
+    found its payment), oldest first: each needs an admin's attention."""
+    enrollment_id = func.coalesce(WebhookEvent.enrollment_id, Payment.enrollment_id)
+    rows = session.execute(
+        select(DeadLetter, enrollment_id)
+        .join(WebhookEvent, WebhookEvent.id == DeadLetter.event_id)
+        .outerjoin(Payment, Payment.id == WebhookEvent.payment_id)
+        .where(DeadLetter.resolved_at.is_(None), enrollment_id.is_not(None))
+        .options(joinedload(DeadLetter.event))
+        .order_by(DeadLetter.created_at, DeadLetter.id)
+        .offset(offset)
+        .limit(limit)
+    )
+    return [(letter, enrollment) for letter, enrollment in rows]

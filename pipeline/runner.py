@@ -18,8 +18,18 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import DeadLetter, EventState, StageAttempt, WebhookEvent, session_scope, utcnow
+from models import (
+    DeadLetter,
+    Enrollment,
+    EventState,
+    Payment,
+    StageAttempt,
+    WebhookEvent,
+    session_scope,
+    utcnow,
+)
 from pipeline.errors import describe
+from pipeline.notify import notify_news
 from pipeline.stages import STAGES, StageContext, next_stage
 
 log = structlog.get_logger(__name__)
@@ -97,6 +107,7 @@ def record_failure(
     event_id: int,
     attempt: int,
     exc: BaseException,
+    settings: Settings,
     *,
     final: bool,
     retry_in: float = 0.0,
@@ -129,29 +140,51 @@ def record_failure(
         )
         event.updated_at = now
         if final:
-            bury(session, event, code, message, attempts=attempt)
+            bury(session, settings, event, code, message, attempts=attempt)
         else:
             event.retry_at = now + timedelta(seconds=retry_in)
 
 
-def bury(session: Session, event: WebhookEvent, code: str, message: str, attempts: int) -> None:
-    """Move the event to the dead-letter table at its current stage (replayable)."""
+def bury(
+    session: Session,
+    settings: Settings,
+    event: WebhookEvent,
+    code: str,
+    message: str,
+    attempts: int,
+) -> None:
+    """Move the event to the dead-letter table at its current stage (replayable). When its
+    enrollment is known the admins are told: it needs attention, and nobody waits silently."""
     now = utcnow()
     event.state = EventState.DEAD
     event.outcome = f"dead letter at {event.stage}: {code}"
     event.updated_at = now
     event.retry_at = None
-    session.add(
-        DeadLetter(
-            event_id=event.id,
-            stage=event.stage,
-            error_code=code,
-            error=message,
-            attempts=attempts,
-            created_at=now,
-        )
+    letter = DeadLetter(
+        event_id=event.id,
+        stage=event.stage,
+        error_code=code,
+        error=message,
+        attempts=attempts,
+        created_at=now,
     )
+    session.add(letter)
+    session.flush()
     log.error("pipeline.dead_letter", event_id=event.id, stage=event.stage, error_code=code)
+    enrollment_id = event.enrollment_id
+    if enrollment_id is None and event.payment_id is not None:
+        payment = session.get(Payment, event.payment_id)
+        enrollment_id = payment.enrollment_id if payment is not None else None
+    enrollment = session.get(Enrollment, enrollment_id) if enrollment_id is not None else None
+    if enrollment is not None:
+        notify_news(
+            session,
+            settings,
+            enrollment,
+            "enrollment.needs_attention",
+            {"dead_letter_id": letter.id, "stage": letter.stage, "error": message[:300]},
+            student=False,
+        )
 
 
 def count_redelivery(session: Session, event: WebhookEvent, settings: Settings) -> bool:
@@ -165,6 +198,7 @@ def count_redelivery(session: Session, event: WebhookEvent, settings: Settings) 
         return True
     bury(
         session,
+        settings,
         event,
         "redelivery_limit",
         f"the {event.stage} stage was handed out {event.redeliveries} times without "

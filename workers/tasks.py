@@ -97,7 +97,9 @@ def run_pipeline_stage(task: SkillpayTask, stage: str, event_id: int) -> None:
         final = not task.may_retry(exc)
         countdown = 0.0 if final else task.retry_countdown()
         try:
-            runner.record_failure(stage, event_id, attempt, exc, final=final, retry_in=countdown)
+            runner.record_failure(
+                stage, event_id, attempt, exc, task.settings, final=final, retry_in=countdown
+            )
         except Exception as record_exc:  # noqa: BLE001 - the sweeper re-drives it later
             log.error(
                 "pipeline.record_failure_failed", stage=stage, error=type(record_exc).__name__

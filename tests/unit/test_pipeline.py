@@ -224,9 +224,11 @@ def test_final_failure_writes_a_dead_letter_and_replay_completes(session, settin
     event = stored_callback(session, settings, callback_body(payment))
     runner.run_stage("signature_check", event.id, 1, ctx)
     runner.record_failure(
-        "payment_type_detection", event.id, 1, UnknownPayment("gone"), final=False
+        "payment_type_detection", event.id, 1, UnknownPayment("gone"), settings, final=False
     )
-    runner.record_failure("payment_type_detection", event.id, 2, UnknownPayment("gone"), final=True)
+    runner.record_failure(
+        "payment_type_detection", event.id, 2, UnknownPayment("gone"), settings, final=True
+    )
     session.expire_all()
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_id == event.id))
     assert (letter.stage, letter.error_code, event.state) == (
@@ -255,7 +257,7 @@ def test_final_failure_writes_a_dead_letter_and_replay_completes(session, settin
 def test_replay_refuses_an_unknown_stage(session, settings):
     _, payment = make_enrollment(session)
     event = stored_callback(session, settings, callback_body(payment))
-    runner.record_failure("signature_check", event.id, 1, SignatureMismatch(), final=True)
+    runner.record_failure("signature_check", event.id, 1, SignatureMismatch(), settings, final=True)
     letter = session.scalar(select(DeadLetter).where(DeadLetter.event_id == event.id))
     with pytest.raises(InvalidTransition, match="unknown stage"):
         replay_dead_letter(session, letter.id, lambda e, s: None, from_stage="nowhere")
