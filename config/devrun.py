@@ -40,6 +40,7 @@ def main() -> None:
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     env.setdefault("IKHOKHA_API_URL", f"http://127.0.0.1:{sim_port}")
     env.setdefault("SIMULATOR_PUBLIC_URL", f"http://127.0.0.1:{sim_port}")
+    env.setdefault("SKILLPAY_FLOWER_URL", f"http://127.0.0.1:{flower_port}/")
     if not env.get("CELERY_BROKER_URL"):
         broker_port = int(env.get("SKILLPAY_EMBEDDED_BROKER_PORT", PORTS["broker"]))
         start_embedded_broker(broker_port)
@@ -55,6 +56,7 @@ def main() -> None:
         "IKHOKHA_API_URL",
         "SKILLPAY_VAR_DIR",
         "SKILLPAY_STREAM_URL",
+        "SKILLPAY_FLOWER_URL",
     )
     (var / "dev.env").write_text(
         "".join(f"{k}={shlex.quote(env[k])}\n" for k in keys if env.get(k))

@@ -1,5 +1,3 @@
-"""The Flask app: the webhook receiver, the JSON API, pages, health and metrics."""
-
-from web.app import create_app
-
-__all__ = ["create_app"]
+"""The Flask app (web.app.create_app): the webhook receiver, the JSON API, pages, health and
+metrics. This package imports nothing itself: gunicorn loads web.gunicorn_conf before the app,
+and it must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported."""

@@ -84,12 +84,13 @@ def create_app(
     app.config["RATELIMIT_SWALLOW_ERRORS"] = True
     limiter.init_app(app)
 
-    from web import admin, api, health, metrics, openapi, pages, webhooks
+    from web import admin, api, console, health, metrics, openapi, pages, webhooks
     from web.errors import register_error_handlers
 
-    for blueprint in (webhooks.bp, api.bp, admin.bp, health.bp, pages.bp, openapi.bp):
+    for blueprint in (webhooks.bp, api.bp, admin.bp, console.bp, health.bp, pages.bp, openapi.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.extensions["skillpay.gauges"] = metrics.OperatorGauges(settings, celery.queue.depth)
 
     @app.before_request
     def _start_timer() -> None:

@@ -14,14 +14,14 @@ from functools import wraps
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from models import get_engine
 from web.auth import Unauthenticated, bearer_token
 from web.extensions import celery, settings
-from web.metrics import REGISTRY
+from web.metrics import render
 
 bp = Blueprint("health", __name__)
 READY_CACHE_SECONDS = 5.0
@@ -91,4 +91,4 @@ def readyz():
 @bp.get("/metrics")
 @operators_only
 def metrics():
-    return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render(current_app.extensions["skillpay.gauges"]), mimetype=CONTENT_TYPE_LATEST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 from flask import Blueprint, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from models import session_scope
 from pipeline.errors import SkillpayError
@@ -20,7 +21,11 @@ bp = Blueprint("webhooks", __name__)
 def ikhokha_callback():
     """Errors leave through web.errors like any other: 401 and 400 say why; a database that
     cannot store the callback is a 503, and iKhokha delivers it again."""
-    body = request.get_data(cache=False)  # over the size limit: 413 from Werkzeug
+    try:
+        body = request.get_data(cache=False)
+    except RequestEntityTooLarge:  # over the size limit: 413
+        metrics.CALLBACKS_REFUSED.labels(reason="too_large").inc()
+        raise
     try:
         with session_scope() as session:
             received = receive_callback(
@@ -33,6 +38,8 @@ def ikhokha_callback():
             )
     except SkillpayError as exc:
         metrics.WEBHOOKS.labels(outcome=exc.code).inc()
+        if exc.http_status < 500:
+            metrics.CALLBACKS_REFUSED.labels(reason=exc.code).inc()
         log.warning("webhook.rejected", code=exc.code, reason=exc.message, bytes=len(body))
         raise
     except SQLAlchemyError:

@@ -434,11 +434,27 @@ def test_metrics_and_readiness_answer_only_to_the_operators_token_when_set(setti
     assert allowed.status_code == 200 and b"skillpay_enrollments" in allowed.data
 
 
-def test_database_gauges_are_counted_once_per_interval(session, mocker):
-    from web.metrics import DatabaseCollector
+def test_database_gauges_are_counted_once_per_interval(session, settings, mocker):
+    from web import metrics
 
-    collector = DatabaseCollector()
-    count = mocker.spy(DatabaseCollector, "_count")
+    depth = mocker.Mock(return_value=7)
+    collector = metrics.OperatorGauges(settings, depth)
+    count = mocker.spy(metrics, "database_gauges")
     for _ in range(5):
         names = [family.name for family in collector.collect()]
-    assert count.call_count == 1 and "skillpay_enrollments" in names
+    assert count.call_count == 1 and depth.call_count == 1
+    assert "skillpay_enrollments" in names and "skillpay_queue_depth" in names
+
+
+def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape(
+    session, settings, mocker
+):
+    from web import metrics
+
+    mocker.patch.object(metrics, "database_gauges", side_effect=OSError("connection refused"))
+    collector = metrics.OperatorGauges(settings, lambda: None)
+    families = {family.name: family for family in collector.collect()}
+    assert list(families) == ["skillpay_database_up"]
+    assert families["skillpay_database_up"].samples[0].value == 0
+    list(collector.collect())
+    assert metrics.database_gauges.call_count == 2  # a failure is not cached
