@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,7 @@ from pipeline.stages import STAGE_NAMES
 from pipeline.statements import find_references
 from web.auth import db, require_admin
 from web.extensions import settings
-from web.schemas import PageQuery, load_query
+from web.schemas import PageQuery, SearchQuery, load_query
 from web.views import JobView, enrollment_view
 
 bp = Blueprint("console", __name__, url_prefix="/api/admin")
@@ -61,7 +61,7 @@ def console():
 def search():
     """Enrollments by student e-mail (any part of it), payment reference (SP-XXXXXXXX, in any
     case or spacing), iKhokha paylink id or our payment id, or enrollment id; newest first."""
-    q = (request.args.get("q") or "").strip()[:320]
+    q = load_query(SearchQuery())["q"].strip()
     if not q:
         return jsonify({"items": [], "q": q})
     session = db()

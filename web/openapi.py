@@ -56,6 +56,10 @@ class Enrollment(views.EnrollmentView, Open):
     student_email = fields.String()
     course_title = fields.String()
     flagged = fields.Boolean()
+    waiting_since = fields.String(allow_none=True)
+    waited_seconds = fields.Integer()
+    overdue = fields.Boolean()
+    four_eyes = fields.Dict(allow_none=True)
 
 
 class EnrollmentList(Open):
@@ -66,6 +70,32 @@ class Queue(EnrollmentList):
     page = fields.Integer(required=True)
     per_page = fields.Integer(required=True)
     total = fields.Integer(required=True)
+    sla_seconds = fields.Integer()
+    four_eyes_above_cents = fields.Integer(allow_none=True)
+
+
+class Search(EnrollmentList):
+    q = fields.String(required=True)
+
+
+class TrailEntry(Open):
+    at = fields.String(required=True)
+    kind = fields.String(required=True)
+    text = fields.String(required=True)
+    user_id = fields.Integer(allow_none=True)
+    user_email = fields.String(allow_none=True)
+
+
+class Trail(Open):
+    enrollment = fields.Nested(Enrollment, required=True)
+    trail = fields.List(fields.Nested(TrailEntry), required=True)
+
+
+class Console(Open):
+    flower_url = fields.String(allow_none=True, required=True)
+    stages = fields.List(fields.String(), required=True)
+    sla_seconds = fields.Integer(required=True)
+    four_eyes_above_cents = fields.Integer(allow_none=True, required=True)
 
 
 class Me(Open):
@@ -135,6 +165,10 @@ class DeadLetters(Open):
     items = fields.List(fields.Nested(DeadLetter), required=True)
 
 
+class Jobs(Open):
+    items = fields.List(fields.Nested(Job), required=True)
+
+
 class RefundDone(Open):
     refund = fields.Nested(views.RefundView, required=True)
     changed = fields.Boolean(required=True)
@@ -142,7 +176,12 @@ class RefundDone(Open):
 
 
 class FlagItem(views.FlagView, Open):
+    """A flag, or (kind dead_letter, id null) a dead-lettered event of the enrollment."""
+
+    id = fields.Integer(allow_none=True)
     enrollment = fields.Nested(Enrollment)
+    dead_letter_id = fields.Integer()
+    stage = fields.String()
 
 
 class Flags(Open):
@@ -302,8 +341,9 @@ OPERATIONS = [
     Operation(
         "post",
         "/api/admin/enrollments/{enrollment_id}/approve",
-        "Approve one enrollment waiting for approval",
-        {200: Enrollment},
+        "Approve one enrollment waiting for approval (202: above the four-eyes amount, it "
+        "now waits for a second admin)",
+        {200: Enrollment, 202: Enrollment},
         (*ADMIN, 404, 409),
         security="bearer",
         path_params={"enrollment_id": ID},
@@ -336,6 +376,41 @@ OPERATIONS = [
         query=schemas.PageQuery,
         security="bearer",
         path_params={"job_id": UUID},
+    ),
+    Operation(
+        "get",
+        "/api/admin/jobs",
+        "The latest bulk jobs with their progress",
+        {200: Jobs},
+        ADMIN,
+        query=schemas.PageQuery,
+        security="bearer",
+    ),
+    Operation(
+        "get",
+        "/api/admin/search",
+        "Enrollments by student e-mail, payment reference, paylink id, payment id or id",
+        {200: Search},
+        ADMIN,
+        query=schemas.SearchQuery,
+        security="bearer",
+    ),
+    Operation(
+        "get",
+        "/api/admin/enrollments/{enrollment_id}/trail",
+        "Everything that happened to an enrollment, in order",
+        {200: Trail},
+        (*ADMIN, 404),
+        security="bearer",
+        path_params={"enrollment_id": ID},
+    ),
+    Operation(
+        "get",
+        "/api/admin/console",
+        "What the operator's console needs: Flower's address, stages, SLA, four-eyes amount",
+        {200: Console},
+        ADMIN,
+        security="bearer",
     ),
     Operation(
         "get",
@@ -379,7 +454,7 @@ OPERATIONS = [
     Operation(
         "get",
         "/api/admin/attention",
-        "Enrollments flagged for an admin (reconciliation, paid twice)",
+        "What needs an admin: flags (reconciliation, paid twice) and dead letters",
         {200: Flags},
         ADMIN,
         query=schemas.PageQuery,

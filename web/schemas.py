@@ -126,6 +126,13 @@ class QueueQuery(Schema):
     per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
 
 
+class SearchQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    q = fields.String(load_default="", validate=validate.Length(max=320))
+
+
 class PageQuery(Schema):
     class Meta:
         unknown = EXCLUDE

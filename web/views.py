@@ -73,6 +73,7 @@ class EnrollmentView(Schema):
 
 class EventSummaryView(Schema):
     state = fields.String()
+    enrollment_id = fields.Integer(allow_none=True)
     stage = fields.String()
     paylink_id = fields.String(allow_none=True)
     external_transaction_id = fields.String(allow_none=True)
