@@ -41,8 +41,17 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: install it for the page tests"; fi; }
 
+# The alert rules are checked by promtool: Debian's prometheus package, installed the same way.
+.PHONY: promtool
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus) for the alert rule tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool not found: install Prometheus for the alert rule tests"; fi; }
+
 .PHONY: test
-test: install browser ## Lint, then run every test (CI=true: nothing may skip)
+test: install browser promtool ## Lint, then run every test (CI=true: nothing may skip)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -90,7 +90,7 @@ def main() -> None:
         f"""
 Skillpay is starting (embedded defaults; data in {var}).
   Courses (student page)  http://127.0.0.1:{port}/
-  Admin queue             http://127.0.0.1:{port}/admin
+  Admin console           http://127.0.0.1:{port}/admin
   Live stream             http://127.0.0.1:{stream_port}/api/events
   iKhokha simulator       http://127.0.0.1:{sim_port}/
   Flower                  http://127.0.0.1:{flower_port}/

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from config import Settings
-from models import Course, Enrollment, Payment, State, User
+from models import Course, Enrollment, Payment, State, User, utcnow
 from models.db import driver_url
 from pipeline.accounts import issue_token
 from pipeline.callbacks import callback_body as _callback_body
@@ -175,7 +175,12 @@ def make_enrollment(
     user = user or make_user(session)[0]
     course = course or make_course(session)
     enrollment = Enrollment(
-        user_id=user.id, course_id=course.id, state=state, payment_method=method
+        user_id=user.id,
+        course_id=course.id,
+        state=state,
+        payment_method=method,
+        # As the state machine sets it: the approval queue's SLA clock.
+        waiting_since=utcnow() if state == State.PENDING_APPROVAL else None,
     )
     session.add(enrollment)
     session.flush()
@@ -231,8 +236,8 @@ def many_waiting_enrollments(session, n: int, tag: str) -> list[int]:
     session.execute(
         _text(
             "INSERT INTO enrollments (user_id, course_id, state, payment_method, waiting_reason, "
-            "created_at, updated_at) "
-            "SELECT id, :course, 'pending_approval', 'eft', :reason, now(), now() "
+            "created_at, updated_at, waiting_since) "
+            "SELECT id, :course, 'pending_approval', 'eft', :reason, now(), now(), now() "
             "FROM users WHERE email LIKE 'bulk-%-' || :tag || '@example.com' ORDER BY id"
         ),
         {"tag": tag, "course": course.id, "reason": EFT_WAITING_REASON},

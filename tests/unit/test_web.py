@@ -446,9 +446,7 @@ def test_database_gauges_are_counted_once_per_interval(session, settings, mocker
     assert "skillpay_enrollments" in names and "skillpay_queue_depth" in names
 
 
-def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape(
-    session, settings, mocker
-):
+def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape(session, settings, mocker):
     from web import metrics
 
     mocker.patch.object(metrics, "database_gauges", side_effect=OSError("connection refused"))
