@@ -3,16 +3,28 @@ Playwright (no browser download), against the running app, worker and simulator.
 
 from __future__ import annotations
 
+import re
 import shutil
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import requests
 from playwright.sync_api import expect
+from sqlalchemy import func, select
 
-from models import State
+from models import DeadLetter, Payment, State, utcnow
 from pipeline.checkout import EFT_WAITING_REASON
-from tests.support import make_course, make_enrollment, make_user, unavailable, wait_for
+from tests.integration.conftest import start_web
+from tests.support import (
+    make_course,
+    make_enrollment,
+    make_user,
+    post_callback,
+    unavailable,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 ROOT_DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -272,3 +284,108 @@ def test_an_admin_imports_a_statement_and_confirms_its_matches_by_click(
     expect(page.locator("#statement-note")).to_contain_text(
         "imported before: nothing imported again"
     )
+
+
+def signed_in_admin_page(page, web: str, token: str):
+    page.goto(f"{web}/admin")
+    page.fill("#token", token)
+    page.click("#save-token")
+    return page
+
+
+def test_an_operator_replays_a_dead_letter_by_click_and_reads_its_trail(web, worker, db, page):
+    """A callback came for a payment we had not stored (a restore from backup lost it): it is
+    dead-lettered. Once the payment is back, the operator replays it from the start, by
+    click, and finds the whole story by the student's e-mail."""
+    _, admin_token = make_user(db, role="admin")
+    student, _ = make_user(db, email=f"lerato-{uuid.uuid4().hex[:6]}@example.com")
+    enrollment, payment = make_enrollment(db, user=student)
+    lost = {"id": payment.id, "paylink_id": payment.paylink_id}
+    db.delete(payment)
+    db.commit()
+    body = {
+        "paylinkID": lost["paylink_id"],
+        "status": "SUCCESS",
+        "externalTransactionID": lost["id"],
+        "responseCode": "00",
+    }
+    assert post_callback(web, body).status_code == 200
+    wait_for(lambda: db.scalar(select(func.count()).select_from(DeadLetter)) == 1, timeout=30)
+    signed_in_admin_page(page, web, admin_token)
+    letters = page.locator("#dead-letters tr")
+    expect(letters).to_have_count(1)
+    expect(letters.first).to_contain_text("payment_type_detection")
+    db.add(
+        Payment(
+            id=lost["id"],
+            enrollment_id=enrollment.id,
+            method="card",
+            amount_cents=payment.amount_cents,
+            currency="ZAR",
+            reference=payment.reference,
+            paylink_id=lost["paylink_id"],
+        )
+    )
+    db.commit()
+    letters.first.locator("select").select_option("signature_check")
+    letters.first.get_by_role("button", name="Replay").click()
+    expect(letters).to_have_count(0)
+    wait_for(
+        lambda: db.get(type(enrollment), enrollment.id, populate_existing=True).state == "approved",
+        timeout=30,
+    )
+    page.fill("#search-q", student.email.split("@")[0].upper())
+    page.click("#search-go")
+    expect(page.locator("#search-results tr")).to_have_count(1)
+    page.locator("#search-results tr").first.get_by_role("button", name="Trail").click()
+    trail = page.locator("#trail li")
+    expect(page.locator("#trail-title")).to_contain_text(f"Enrollment {enrollment.id}")
+    expect(page.locator("#trail li[data-kind=dead_letter]")).to_contain_text(
+        "at payment_type_detection"
+    )
+    expect(page.locator("#trail li[data-kind=replay]")).to_have_count(1)
+    expect(trail.last).to_contain_text("pending_payment -> approved")
+
+
+def test_four_eyes_and_the_queues_sla_timers(process_env, worker, db, browser, tmp_path):
+    """Above the amount one admin's approval waits for another's; the queue shows each wait
+    against the target and sorts by it."""
+    env = dict(
+        process_env, SKILLPAY_FOUR_EYES_ABOVE_CENTS="100000", SKILLPAY_APPROVAL_SLA_HOURS="24"
+    )
+    server, web = start_web(env, tmp_path)
+    try:
+        _, first_token = make_user(db, role="admin")
+        _, second_token = make_user(db, role="admin")
+        large, _ = make_enrollment(
+            db, method="eft", state=State.PENDING_APPROVAL, amount_cents=250000
+        )
+        late, _ = make_enrollment(db, method="eft", state=State.PENDING_APPROVAL, amount_cents=5000)
+        for e in (large, late):
+            e.waiting_reason = EFT_WAITING_REASON
+        late.waiting_since = utcnow() - timedelta(hours=30)
+        db.commit()
+        first = signed_in_admin_page(browser.new_context().new_page(), web, first_token)
+        rows = first.locator("#queue tr")
+        expect(rows).to_have_count(2)
+        expect(rows.first).to_have_attribute("data-id", str(late.id))  # the longest wait first
+        expect(rows.first).to_have_class(re.compile("overdue"))
+        expect(rows.first.locator("td.waited")).to_have_text("1d 6h of 1d 0h (overdue)")
+        first.click("#sort-waited")
+        expect(rows.first).to_have_attribute("data-id", str(large.id))
+        mine = first.locator(f"#queue tr[data-id='{large.id}']")
+        mine.get_by_role("button", name="Approve (1 of 2)").click()
+        expect(first.locator("#message")).to_contain_text(
+            "R 2,500.00 is above the four-eyes amount (R 1,000.00): another admin must approve it too"
+        )
+        expect(mine.get_by_role("button", name="Waiting for a second admin")).to_be_disabled()
+        second = signed_in_admin_page(browser.new_context().new_page(), web, second_token)
+        theirs = second.locator(f"#queue tr[data-id='{large.id}']")
+        theirs.get_by_role("button", name="Confirm approval (2 of 2)").click()
+        expect(second.locator(f"#queue tr[data-id='{large.id}']")).to_have_count(0)
+        db.expire_all()
+        assert db.get(type(large), large.id).state == "approved"
+    finally:
+        for context in browser.contexts:
+            context.close()
+        server.stop()
