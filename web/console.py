@@ -25,6 +25,7 @@ from models import (
     User,
     WebhookEvent,
 )
+from pipeline.bulk import JobProgress
 from pipeline.errors import NotFound
 from pipeline.payments import rand
 from pipeline.stages import STAGE_NAMES
@@ -32,7 +33,7 @@ from pipeline.statements import find_references
 from web.auth import db, require_admin
 from web.extensions import settings
 from web.schemas import PageQuery, SearchQuery, load_query
-from web.views import JobView, enrollment_view
+from web.views import enrollment_view, job_view
 
 bp = Blueprint("console", __name__, url_prefix="/api/admin")
 
@@ -238,13 +239,7 @@ def jobs():
         counts[job_id][outcome] = count
     items = []
     for job in rows:
-        done = job.total - counts[job.id]["pending"]
-        view = JobView().dump(job)
-        view.update(
-            counts=counts[job.id],
-            done=done,
-            progress=round(done / job.total, 4) if job.total else 1.0,
-            status_url=f"/api/admin/jobs/{job.id}",
-        )
-        items.append(view)
+        view = job_view(JobProgress(job, counts[job.id], []))
+        del view["items"]  # GET /api/admin/jobs/<id> lists them
+        items.append(view | {"status_url": f"/api/admin/jobs/{job.id}"})
     return jsonify({"items": items})
