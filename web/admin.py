@@ -11,7 +11,9 @@ from sqlalchemy import func, select
 from models import (
     ApprovalRequest,
     BankStatement,
+    DeadLetter,
     Enrollment,
+    EnrollmentFlag,
     EnrollmentHistory,
     ReconciliationFinding,
     ReconciliationRun,
@@ -55,7 +57,6 @@ from web.schemas import (
 from web.views import (
     ApprovalRequestView,
     AuditEntryView,
-    DeadLetterView,
     FindingView,
     FlagView,
     ReconciliationRunView,
@@ -274,33 +275,39 @@ def attention():
     payment made twice) and dead-lettered events whose enrollment is known."""
     q = load_query(PageQuery())
     session = db()
-    # The page is cut from both lists merged by time: take enough of each.
+    # The page is cut from both lists merged by time: take enough of each, dump only the page.
     end = q["page"] * q["per_page"]
+    needing = [
+        (flag.created_at, flag, flag.enrollment_id) for flag in open_flags(session, limit=end)
+    ]
+    needing += [
+        (letter.created_at, letter, enrollment_id)
+        for letter, enrollment_id in open_letters_by_enrollment(session, limit=end)
+    ]
+    needing.sort(key=lambda row: row[0])
     items = []
-    for flag in open_flags(session, limit=end):
-        items.append(FlagView().dump(flag) | {"enrollment": flag.enrollment})
-    for letter, enrollment_id in open_letters_by_enrollment(session, limit=end):
+    for _, row, enrollment_id in needing[end - q["per_page"] : end]:
+        item = FlagView().dump(row) if isinstance(row, EnrollmentFlag) else _dead_letter_item(row)
         enrollment = session.get(Enrollment, enrollment_id)
-        items.append(
-            {
-                "id": None,
-                "kind": "dead_letter",
-                "dead_letter_id": letter.id,
-                "enrollment_id": enrollment_id,
-                "reason": f"dead letter #{letter.id} at {letter.stage}: {letter.error}",
-                "source": "pipeline",
-                "created_at": DeadLetterView().dump(letter)["created_at"],
-                "stage": letter.stage,
-                "enrollment": enrollment,
-            }
-        )
-    items.sort(key=lambda item: item["created_at"])
-    page = items[end - q["per_page"] : end]
-    for item in page:
-        enrollment = item["enrollment"]
+        assert enrollment is not None
+        item["enrollment_id"] = enrollment_id
         item["enrollment"] = enrollment_view(session, enrollment, with_history=False)
         item["enrollment"]["student_email"] = enrollment.user.email
-    return jsonify({"items": page})
+        items.append(item)
+    return jsonify({"items": items})
+
+
+def _dead_letter_item(letter: DeadLetter) -> dict:
+    """A dead letter in the attention list, shaped like a flag (kind dead_letter, no flag id)."""
+    return {
+        "id": None,
+        "kind": "dead_letter",
+        "dead_letter_id": letter.id,
+        "reason": f"dead letter #{letter.id} at {letter.stage}: {letter.error}",
+        "source": "pipeline",
+        "created_at": letter.created_at.isoformat(),
+        "stage": letter.stage,
+    }
 
 
 @bp.post("/flags/<id:flag_id>/clear")
