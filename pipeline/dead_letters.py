@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from models import DeadLetter, EventState, Payment, WebhookEvent, on_commit, utcnow
+from models import DeadLetter, EventState, WebhookEvent, on_commit, utcnow
 from pipeline.errors import InvalidTransition, NotFound
-from pipeline.runner import Enqueue, lock_event
+from pipeline.runner import EVENT_ENROLLMENT_ID, Enqueue, lock_event, with_event_payment
 from pipeline.stages import STAGE_NAMES
 
 
@@ -57,12 +57,10 @@ def open_letters_by_enrollment(
 ) -> list[tuple[DeadLetter, int]]:
     """Dead letters not yet replayed whose enrollment is known (the event reached it, or
     found its payment), oldest first: each needs an admin's attention."""
-    enrollment_id = func.coalesce(WebhookEvent.enrollment_id, Payment.enrollment_id)
     rows = session.execute(
-        select(DeadLetter, enrollment_id)
-        .join(WebhookEvent, WebhookEvent.id == DeadLetter.event_id)
-        .outerjoin(Payment, Payment.id == WebhookEvent.payment_id)
-        .where(DeadLetter.resolved_at.is_(None), enrollment_id.is_not(None))
+        with_event_payment(select(DeadLetter, EVENT_ENROLLMENT_ID))
+        .join(DeadLetter, DeadLetter.event_id == WebhookEvent.id)
+        .where(DeadLetter.resolved_at.is_(None), EVENT_ENROLLMENT_ID.is_not(None))
         .options(joinedload(DeadLetter.event))
         .order_by(DeadLetter.created_at, DeadLetter.id)
         .offset(offset)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import select, text
+from sqlalchemy import Select, func, select, text
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -37,6 +37,16 @@ log = structlog.get_logger(__name__)
 Enqueue = Callable[[int, str], object]
 # The stage that changes the enrollment commits durably before anything is told about it.
 DURABLE_STAGES = frozenset({"status_update"})
+
+
+# An event's enrollment, once known: found by the lookup stage, or through the payment that
+# detection found. Select it from with_event_payment(...).
+EVENT_ENROLLMENT_ID = func.coalesce(WebhookEvent.enrollment_id, Payment.enrollment_id)
+
+
+def with_event_payment(stmt: Select) -> Select:
+    """stmt, over webhook_events, joined to the payment detection found (if any)."""
+    return stmt.select_from(WebhookEvent).outerjoin(Payment, Payment.id == WebhookEvent.payment_id)
 
 
 def lock_event(session: Session, event_id: int) -> WebhookEvent | None:
@@ -171,10 +181,9 @@ def bury(
     session.add(letter)
     session.flush()
     log.error("pipeline.dead_letter", event_id=event.id, stage=event.stage, error_code=code)
-    enrollment_id = event.enrollment_id
-    if enrollment_id is None and event.payment_id is not None:
-        payment = session.get(Payment, event.payment_id)
-        enrollment_id = payment.enrollment_id if payment is not None else None
+    enrollment_id = session.scalar(
+        with_event_payment(select(EVENT_ENROLLMENT_ID)).where(WebhookEvent.id == event.id)
+    )
     enrollment = session.get(Enrollment, enrollment_id) if enrollment_id is not None else None
     if enrollment is not None:
         notify_news(
