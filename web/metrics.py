@@ -10,6 +10,7 @@ answers, the broker queue's depth, and the answering process's own CPU and memor
 
 from __future__ import annotations
 
+import collections
 import os
 import statistics
 import time
@@ -219,20 +220,19 @@ def _stage_durations(s: Session) -> list[Metric]:
         f"Stage attempts in the last {int(STAGE_WINDOW.total_seconds() // 60)} minutes, by outcome",
         labels=["stage", "outcome"],
     )
-    samples: dict[str, list[float]] = {}
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    durations: dict[str, list[float]] = {}
     for stage, outcome, ms in s.execute(
         select(StageAttempt.stage, StageAttempt.outcome, StageAttempt.duration_ms)
         .where(StageAttempt.created_at >= utcnow() - STAGE_WINDOW)
         .order_by(StageAttempt.created_at.desc())
         .limit(MAX_SAMPLES)
     ):
-        samples.setdefault(f"{stage}\0{outcome}", []).append(ms / 1000)
-    durations: dict[str, list[float]] = {}
-    for key, values in samples.items():
-        stage, outcome = key.split("\0")
-        runs.add_metric([stage, outcome], len(values))
+        counts[stage, outcome] += 1
         if outcome == "ok":
-            durations.setdefault(stage, []).extend(values)
+            durations.setdefault(stage, []).append(ms / 1000)
+    for (stage, outcome), count in counts.items():
+        runs.add_metric([stage, outcome], count)
     for stage, values in durations.items():
         for q, value in zip(QUANTILES, _quantiles(values), strict=True):
             family.add_metric([stage, str(q)], value)
