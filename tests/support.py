@@ -197,6 +197,19 @@ def make_enrollment(
     return enrollment, payment
 
 
+def metric_sample(text: str, series: str) -> float | None:
+    """One series' value in /metrics text; `series` is the name with its labels as Prometheus
+    writes them (sorted): 'skillpay_dead_letters_open{stage="notification"}'."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
+REFUSED_SIGNATURE = 'skillpay_callbacks_refused_total{reason="bad_signature"}'
+
+
 def as_json(response) -> Any:
     return json.loads(response.data if hasattr(response, "data") else response.content)
 

@@ -9,11 +9,15 @@ import re
 import pytest
 import requests
 
-from tests.support import callback_body, make_enrollment, post_callback
+from tests.support import (
+    REFUSED_SIGNATURE,
+    callback_body,
+    make_enrollment,
+    metric_sample,
+    post_callback,
+)
 
 pytestmark = pytest.mark.integration
-
-REFUSED = re.compile(r'^skillpay_callbacks_refused_total\{reason="bad_signature"\} (\S+)$', re.M)
 
 
 def scrape(web: str) -> str:
@@ -24,8 +28,7 @@ def scrape(web: str) -> str:
 
 
 def refused(text: str) -> float:
-    found = REFUSED.search(text)
-    return float(found.group(1)) if found else 0.0
+    return metric_sample(text, REFUSED_SIGNATURE) or 0.0
 
 
 def test_counters_are_whole_across_gunicorn_workers(web, worker, db, process_env):

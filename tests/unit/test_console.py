@@ -4,7 +4,6 @@ the attention list, and the figures /metrics adds for the alerts."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from datetime import timedelta
 
@@ -26,10 +25,12 @@ from pipeline.ikhokha import MemoryGateway
 from pipeline.stages import STAGE_NAMES, StageContext
 from pipeline.state_machine import transition_enrollment
 from tests.support import (
+    REFUSED_SIGNATURE,
     RecordingQueue,
     callback_body,
     make_enrollment,
     make_user,
+    metric_sample,
     post_callback,
     stored_callback,
 )
@@ -63,8 +64,8 @@ def dead_letter(session, settings, payment, stage: str, *, known: bool = True):
     return event
 
 
-def gauge(text: str, name: str) -> float:
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+def gauge(text: str, name: str) -> float | None:
+    return metric_sample(text, name)
 
 
 def waiting_transfer(session, amount_cents: int, waited: timedelta = timedelta(0)):
@@ -293,10 +294,7 @@ def test_the_console_says_where_flower_is_and_which_stages_replay(settings, sess
 
 
 def refused_count(text: str) -> float:
-    found = re.search(
-        r'^skillpay_callbacks_refused_total\{reason="bad_signature"\} (\S+)$', text, re.M
-    )
-    return float(found.group(1)) if found else 0.0
+    return metric_sample(text, REFUSED_SIGNATURE) or 0.0
 
 
 def metrics_text(client) -> str:
