@@ -1,6 +1,7 @@
 """Tables and database sessions."""
 
 from models.db import (
+    autocommit,
     configure_database,
     get_engine,
     new_session,
@@ -67,6 +68,7 @@ __all__ = [
     "StreamTicket",
     "User",
     "WebhookEvent",
+    "autocommit",
     "configure_database",
     "get_engine",
     "new_session",

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, exc, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 _engine: Engine | None = None
+_autocommit_engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
 # Set once per process by configure_database() from the settings the process was started with.
 _url: str | None = None
 _lock_timeout_ms = 5000
+# A pooled connection idle for longer than this is checked before use (see _ping_if_idle).
+IDLE_PING_SECONDS = 2.0
 
 
 def driver_url(url: str) -> str:
@@ -25,13 +30,13 @@ def driver_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, lock_timeout_ms: int = 5000) -> Engine:
+def make_engine(url: str, lock_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
     url = driver_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -45,16 +50,45 @@ def make_engine(url: str, lock_timeout_ms: int = 5000) -> Engine:
     # A stage waiting on a row lock gives up after lock_timeout and is retried, rather than
     # holding a worker forever; a connection left idle inside a transaction is closed.
     options = f"-c lock_timeout={lock_timeout_ms} -c idle_in_transaction_session_timeout=60000"
-    return create_engine(
+    engine = create_engine(
         url,
         # Batched UPDATEs (psycopg2 execute_batch) as well as batched INSERTs: a bulk approval
         # updates hundreds of rows per transaction.
         executemany_mode="values_plus_batch",
-        pool_pre_ping=True,
         pool_size=5,
         max_overflow=10,
         connect_args={"options": options, "connect_timeout": 5},
+        **kwargs,
     )
+    _ping_if_idle(engine)
+    return engine
+
+
+def _ping_if_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only if it sat idle for IDLE_PING_SECONDS.
+
+    pool_pre_ping checks every checkout: a round trip per request or stage, a quarter of the
+    receiver's time under load. A connection in steady use needs none; one that sat idle
+    across a database restart is found dead here and replaced (DisconnectionError makes the
+    pool connect again). A connection that dies while in use fails its statement; SQLAlchemy
+    then invalidates the whole pool, so only that transaction fails (503, or a stage retry).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise exc.DisconnectionError(str(error)) from error
+        if not alive:
+            raise exc.DisconnectionError("the connection did not answer a ping")
 
 
 def configure_database(database_url: str, lock_timeout_ms: int = 5000) -> None:
@@ -77,11 +111,12 @@ def get_engine() -> Engine:
 
 
 def reset_engine() -> None:
-    """Drop the engine (after a fork); the next use makes a new one."""
-    global _engine, _factory
-    if _engine is not None:
-        _engine.dispose()
-    _engine = None
+    """Drop the engines (after a fork); the next use makes new ones."""
+    global _engine, _autocommit_engine, _factory
+    for engine in (_engine, _autocommit_engine):
+        if engine is not None:
+            engine.dispose()
+    _engine = _autocommit_engine = None
     _factory = None
 
 
@@ -89,6 +124,22 @@ def new_session() -> Session:
     get_engine()
     assert _factory is not None
     return _factory()
+
+
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection on which each statement commits by itself, durably: a one-statement write
+    costs one round trip, without BEGIN and COMMIT (the webhook receiver's inbox insert).
+
+    Its own small pool of connections made in autocommit mode: switching a pooled
+    connection's mode on every checkout and back on return costs more than the insert."""
+    global _autocommit_engine
+    if _autocommit_engine is None:
+        if _url is None:
+            raise RuntimeError("no database: models.configure_database() was not called")
+        _autocommit_engine = make_engine(_url, _lock_timeout_ms, isolation_level="AUTOCOMMIT")
+    with _autocommit_engine.connect() as conn:
+        yield conn
 
 
 @contextmanager
@@ -103,6 +154,53 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+# Fewer rows than this go in as bound VALUES with RETURNING: one statement, not two.
+FEW_ROWS = 50
+
+
+def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert rows (column values by name) and return their new ids, in the rows' order.
+
+    On PostgreSQL two statements, however many rows: ids drawn from the table's sequence,
+    then every row in one JSON document that jsonb_populate_recordset() turns into the
+    table's row type. A batch of a thousand rows as bound VALUES is thousands of parameters
+    for the client to render and the server to parse; as one document it is neither.
+    """
+    if not rows:
+        return []
+    if len(rows) < FEW_ROWS or session.get_bind().dialect.name != "postgresql":
+        returning = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+        return list(session.execute(returning, rows).scalars())
+    ids = list(
+        session.execute(
+            text(
+                "SELECT nextval(CAST(seq AS regclass)) FROM generate_series(1, :n), "
+                "(SELECT pg_get_serial_sequence(:t, 'id') AS seq) s"
+            ),
+            {"t": table.name, "n": len(rows)},
+        ).scalars()
+    )
+    ids.sort()
+    document = json.dumps(
+        [{**row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)],
+        default=_isoformat,
+    )
+    session.execute(
+        text(
+            f"INSERT INTO {table.name} SELECT * FROM "  # noqa: S608 - a table of ours
+            f"jsonb_populate_recordset(NULL::{table.name}, CAST(:rows AS jsonb))"
+        ),
+        {"rows": document},
+    )
+    return ids
+
+
+def _isoformat(value: Any) -> str:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()  # type: ignore[no-any-return]
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def on_commit(session: Session, callback: Callable[[], None]) -> None:

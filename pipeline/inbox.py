@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -14,6 +14,7 @@ from models import EventState, WebhookEvent, on_commit, utcnow
 from pipeline.callbacks import callback_body, parse_callback
 from pipeline.signing import signed_callback, verify_callback
 
+_EVENTS: Table = WebhookEvent.__table__  # type: ignore[assignment]
 # Where every event starts (pipeline.stages checks that its registry agrees).
 FIRST_STAGE = "signature_check"
 # The only headers stored with an event: what the signature check needs, and what helps an
@@ -53,6 +54,55 @@ def authenticate(settings: Settings, headers: Mapping[str, str], path: str, body
     )
 
 
+def store_callback(
+    db: Connection | Session,
+    settings: Settings,
+    *,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> Received:
+    """Verify a callback and store it in the inbox, or count it again if it is a repeat.
+
+    One statement: an insert that, on a dedupe key already stored, counts one more delivery
+    instead (a repeat is never processed twice). Enqueueing is the caller's, after commit,
+    and only for a new event (not `duplicate`).
+
+    Raises AppIdMismatch or SignatureMismatch (nothing stored: an unauthenticated request
+    never reaches the queue) or MalformedCallback (signed, but unusable).
+    """
+    authenticate(settings, headers, path, body)
+    callback = parse_callback(body)
+    kept = {k.lower(): v[:512] for k, v in headers.items() if k.lower() in KEPT_HEADERS}
+    now = utcnow()
+    dialect = db.get_bind().dialect if isinstance(db, Session) else db.dialect
+    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+    stmt = (
+        insert(_EVENTS)
+        .values(
+            dedupe_key=callback.dedupe_key,
+            received_at=now,
+            updated_at=now,
+            path=path[:300],
+            headers=kept,
+            body=body,
+            deliveries=1,
+            state=EventState.RECEIVED,
+            stage=FIRST_STAGE,
+            paylink_id=callback.paylink_id,
+            external_transaction_id=callback.external_transaction_id,
+            callback_status=callback.status,
+        )
+        .on_conflict_do_update(
+            index_elements=[_EVENTS.c.dedupe_key],
+            set_={"deliveries": _EVENTS.c.deliveries + 1},
+        )
+        .returning(_EVENTS.c.id, _EVENTS.c.deliveries)
+    )
+    event_id, deliveries = db.execute(stmt).one()
+    return Received(event_id, duplicate=deliveries > 1)
+
+
 def receive_callback(
     session: Session,
     settings: Settings,
@@ -62,48 +112,11 @@ def receive_callback(
     body: bytes,
     enqueue: Callable[[int, str], object],
 ) -> Received:
-    """Verify and store a callback; enqueue it after commit unless it is a duplicate.
-
-    Raises AppIdMismatch or SignatureMismatch (nothing stored: an unauthenticated request
-    never reaches the queue) or MalformedCallback (signed, but unusable).
-    """
-    authenticate(settings, headers, path, body)
-    callback = parse_callback(body)
-    kept = {k.lower(): v[:512] for k, v in headers.items() if k.lower() in KEPT_HEADERS}
-    now = utcnow()
-    values = {
-        "dedupe_key": callback.dedupe_key,
-        "received_at": now,
-        "updated_at": now,
-        "path": path[:300],
-        "headers": kept,
-        "body": body,
-        "deliveries": 1,
-        "state": EventState.RECEIVED,
-        "stage": FIRST_STAGE,
-        "paylink_id": callback.paylink_id,
-        "external_transaction_id": callback.external_transaction_id,
-        "callback_status": callback.status,
-    }
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
-    stmt = (
-        insert(WebhookEvent)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(WebhookEvent.id)
-    )
-    event_id = session.execute(stmt).scalar_one_or_none()
-    if event_id is not None:
-        on_commit(session, lambda: enqueue(event_id, FIRST_STAGE))
-        return Received(event_id, duplicate=False)
-    # A repeat delivery: count it, never process it twice.
-    event_id = session.execute(
-        update(WebhookEvent)
-        .where(WebhookEvent.dedupe_key == callback.dedupe_key)
-        .values(deliveries=WebhookEvent.deliveries + 1)
-        .returning(WebhookEvent.id)
-    ).scalar_one()
-    return Received(event_id, duplicate=True)
+    """store_callback() in the session's transaction; a new event is enqueued after commit."""
+    received = store_callback(session, settings, path=path, headers=headers, body=body)
+    if not received.duplicate:
+        on_commit(session, lambda: enqueue(received.event_id, FIRST_STAGE))
+    return received
 
 
 def receive_status_answer(

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.orm import sessionmaker
 
 from models import db as models_db
@@ -29,6 +31,22 @@ def settings(pg_database):
     return make_settings(pg_database)
 
 
+class JoinedAutocommit:
+    """Stands in for models.db's autocommit engine in a test: the receiver's statement runs
+    on the test's connection, in a savepoint, and is rolled back with the rest."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self.connection.begin_nested():
+            yield self.connection
+
+    def dispose(self) -> None:
+        pass
+
+
 @pytest.fixture
 def session(pg_database, settings):
     """One outer transaction per test, rolled back at the end; code that commits only
@@ -41,13 +59,26 @@ def session(pg_database, settings):
     )
     # The app's sessions join the test's transaction. configure_database() with the same
     # settings (create_app, make_celery) keeps this engine.
-    saved = (models_db._engine, models_db._factory, models_db._url, models_db._lock_timeout_ms)
+    saved = (
+        models_db._engine,
+        models_db._autocommit_engine,
+        models_db._factory,
+        models_db._url,
+        models_db._lock_timeout_ms,
+    )
     models_db._engine, models_db._factory = engine, factory
+    models_db._autocommit_engine = JoinedAutocommit(connection)  # type: ignore[assignment]
     models_db._url, models_db._lock_timeout_ms = settings.database_url, settings.db_lock_timeout_ms
     s = factory()
     yield s
     s.close()
-    models_db._engine, models_db._factory, models_db._url, models_db._lock_timeout_ms = saved
+    (
+        models_db._engine,
+        models_db._autocommit_engine,
+        models_db._factory,
+        models_db._url,
+        models_db._lock_timeout_ms,
+    ) = saved
     outer.rollback()
     connection.close()
     engine.dispose()

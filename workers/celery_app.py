@@ -137,11 +137,14 @@ def task_queue(settings: Settings) -> Queue:
             "x-queue-type": "quorum",
             "x-delivery-limit": settings.broker_delivery_limit,
         }
+    # On RabbitMQ a topic exchange: Celery's native delayed delivery (retries with a
+    # countdown, on quorum queues) routes through it; a direct exchange would hold retries in
+    # the worker. Elsewhere a direct one: Celery then publishes straight to the queue, where
+    # kombu's emulated topic exchange on Redis reads its bindings (SMEMBERS) on every send.
+    kind = "topic" if settings.broker_kind == "rabbitmq" else "direct"
     return Queue(
         settings.celery_queue,
-        # A topic exchange: Celery's native delayed delivery (retries with a countdown, on
-        # quorum queues) routes through it; a direct exchange would hold retries in the worker.
-        Exchange(settings.celery_queue, type="topic"),
+        Exchange(settings.celery_queue, type=kind),
         routing_key=settings.celery_queue,
         durable=True,
         queue_arguments=arguments or None,

@@ -168,5 +168,6 @@ def test_rabbitmq_gets_a_quorum_queue_with_a_delivery_limit_and_publisher_confir
     assert not task_queue(classic).queue_arguments
     redis = Settings(celery_broker_url="redis://r:6379/0")
     assert not task_queue(redis).queue_arguments
+    assert task_queue(redis).exchange.type == "direct"  # published straight to the queue
     assert transport_options(redis)["visibility_timeout"] == redis.broker_visibility_timeout
     assert Settings(celery_broker_url="sqla+sqlite:///x.db").broker_kind == "embedded"

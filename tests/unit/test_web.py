@@ -102,7 +102,7 @@ def test_storage_failure_gets_503_so_ikhokha_retries(client, session, enqueued, 
     from sqlalchemy.exc import OperationalError
 
     mocker.patch(
-        "web.webhooks.receive_callback", side_effect=OperationalError("x", {}, Exception("down"))
+        "web.webhooks.store_callback", side_effect=OperationalError("x", {}, Exception("down"))
     )
     _, payment = make_enrollment(session)
     response = post_callback(client, callback_body(payment))
