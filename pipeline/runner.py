@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, Table, func, select
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -30,7 +30,7 @@ from models import (
 )
 from pipeline.errors import describe
 from pipeline.notify import notify_news
-from pipeline.stages import STAGES, StageContext, next_stage
+from pipeline.stages import STAGE_OUTPUTS, STAGES, EventRow, StageContext, next_stage
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,48 @@ def lock_event(session: Session, event_id: int) -> WebhookEvent | None:
     ).scalar_one_or_none()
 
 
+_EVENTS: Table = WebhookEvent.__table__  # type: ignore[assignment]
+_ATTEMPTS: Table = StageAttempt.__table__  # type: ignore[assignment]
+
+
+def _lock_for_stage(session: Session, event_id: int, durable: bool) -> EventRow | None:
+    """The event's row, locked, in one round trip. A stage that need not commit durably
+    switches synchronous_commit off for its transaction in the same statement."""
+    stmt = select(_EVENTS).where(_EVENTS.c.id == event_id).with_for_update()
+    if not durable and session.get_bind().dialect.name == "postgresql":
+        # Losing this commit in a database crash loses only progress: the inbox row is
+        # durable, stages are idempotent, and the sweeper re-drives the event. Not waiting
+        # for the WAL flush saves a disk sync per hop.
+        stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
+    row = session.execute(stmt).first()
+    if row is None:
+        return None
+    return EventRow(**{column.name: row._mapping[column] for column in _EVENTS.columns})
+
+
+def _save_progress(session: Session, event: EventRow, before: dict, attempt: dict) -> None:
+    """Write what the stage changed on its event, and its attempt record: one statement on
+    PostgreSQL (the attempt's INSERT as a CTE of the event's UPDATE)."""
+    changes = {
+        name: getattr(event, name) for name in STAGE_OUTPUTS if getattr(event, name) != before[name]
+    }
+    changes |= {
+        "state": event.state,
+        "stage": event.stage,
+        "updated_at": event.updated_at,
+        "completed_at": event.completed_at,
+        "redeliveries": 0,
+        "retry_at": None,
+    }
+    update_event = _EVENTS.update().where(_EVENTS.c.id == event.id).values(**changes)
+    insert_attempt = _ATTEMPTS.insert().values(**attempt)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(update_event.add_cte(insert_attempt.cte("attempt")))
+    else:
+        session.execute(update_event)
+        session.execute(insert_attempt)
+
+
 def run_stage(
     stage: str, event_id: int, attempt: int, ctx: StageContext, *, redelivered: bool = False
 ) -> str | None:
@@ -68,13 +110,16 @@ def run_stage(
     unless this message is a redelivery: its first holder may have died between its commit
     and sending the next message, so the event's current stage is sent again (a duplicate
     finds its stage done and does nothing).
+
+    The event row is read and written with SQL expressions, not the ORM: a stage is three
+    statements of its own (lock, save progress, commit) around what its body does.
     """
     started = time.perf_counter()
     spec = STAGES[stage]
     if spec.fetch is not None:
         ctx = replace(ctx, fetched=spec.fetch(event_id, ctx))
     with session_scope() as session:
-        event = lock_event(session, event_id)
+        event = _lock_for_stage(session, event_id, durable=stage in DURABLE_STAGES)
         if event is None:
             log.warning("pipeline.event_missing", event_id=event_id, stage=stage)
             return None
@@ -82,32 +127,26 @@ def run_stage(
             return None
         if event.stage != stage:
             return event.stage if redelivered else None
-        if stage not in DURABLE_STAGES and session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
-            # Losing this commit in a database crash loses only progress: the inbox row is
-            # durable, stages are idempotent, and the sweeper re-drives the event. Not waiting
-            # for the WAL flush saves a disk sync per hop.
-            session.execute(text("SET LOCAL synchronous_commit = off"))
-        event.state = EventState.PROCESSING
+        before = {name: getattr(event, name) for name in STAGE_OUTPUTS}
         spec.run(session, event, ctx)
         now = utcnow()
         following = next_stage(stage)
-        if following is None:
-            event.state = EventState.COMPLETED
-            event.completed_at = now
-        else:
-            event.stage = following
+        event.state = EventState.PROCESSING if following else EventState.COMPLETED
+        event.completed_at = None if following else now
+        event.stage = following or stage
         event.updated_at = now
-        event.redeliveries = 0
-        event.retry_at = None
-        session.add(
-            StageAttempt(
-                event_id=event_id,
-                stage=stage,
-                attempt=attempt,
-                outcome="ok",
-                duration_ms=(time.perf_counter() - started) * 1000,
-                created_at=now,
-            )
+        _save_progress(
+            session,
+            event,
+            before,
+            {
+                "event_id": event_id,
+                "stage": stage,
+                "attempt": attempt,
+                "outcome": "ok",
+                "duration_ms": (time.perf_counter() - started) * 1000,
+                "created_at": now,
+            },
         )
     return following
 

@@ -11,13 +11,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import Enrollment, EnrollmentHistory, Payment, PaymentMethod, State, WebhookEvent
+from models import (
+    Course,
+    Enrollment,
+    EnrollmentHistory,
+    Payment,
+    PaymentMethod,
+    State,
+    WebhookEvent,
+)
 from models.db import session_scope
 from pipeline.callbacks import FAILURE, SUCCESS, lowered_keys
 from pipeline.checkout import EFT_WAITING_REASON
@@ -39,7 +48,26 @@ class StageContext:
     fetched: Any = None
 
 
-StageFn = Callable[[Session, WebhookEvent, StageContext], None]
+# What a stage writes on its event; the runner saves what changed with the stage's progress.
+STAGE_OUTPUTS = (
+    "payment_id",
+    "payment_type",
+    "detection",
+    "enrollment_id",
+    "checks",
+    "decision",
+    "history_id",
+    "outcome",
+)
+
+
+class EventRow(SimpleNamespace):
+    """An inbox row as the runner hands it to a stage: its columns as attributes, read under
+    the row lock (a WebhookEvent does as well, in tests)."""
+
+
+Event = WebhookEvent | EventRow
+StageFn = Callable[[Session, Event, StageContext], None]
 FetchFn = Callable[[int, StageContext], Any]
 
 
@@ -49,17 +77,17 @@ class Stage:
     fetch: FetchFn | None = None
 
 
-def _fields(event: WebhookEvent) -> dict[str, Any]:
+def _fields(event: Event) -> dict[str, Any]:
     data = json.loads(event.body)
     return lowered_keys(data) if isinstance(data, dict) else {}
 
 
-def check_signature(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def check_signature(session: Session, event: Event, ctx: StageContext) -> None:
     """Re-verify the stored raw callback, so a replayed or re-driven event is authenticated too."""
     authenticate(ctx.settings, event.headers, event.path, event.body)
 
 
-def detect_payment_type(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def detect_payment_type(session: Session, event: Event, ctx: StageContext) -> None:
     """Card, EFT or unknown, with a confidence and the indicators behind it."""
     payment = find_payment(session, event.paylink_id, event.external_transaction_id)
     if payment is None:
@@ -73,13 +101,17 @@ def detect_payment_type(session: Session, event: WebhookEvent, ctx: StageContext
     event.detection = detection.as_dict()
 
 
-def look_up_enrollment(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def look_up_enrollment(session: Session, event: Event, ctx: StageContext) -> None:
     """Payment to enrollment, and whether amount, currency, course and link agree."""
-    payment = session.get(Payment, event.payment_id)
-    if payment is None:
+    found = session.execute(
+        select(Payment, Enrollment, Course)
+        .join(Enrollment, Enrollment.id == Payment.enrollment_id)
+        .join(Course, Course.id == Enrollment.course_id)
+        .where(Payment.id == event.payment_id)
+    ).first()
+    if found is None:
         raise UnknownPayment(f"payment {event.payment_id} is gone")
-    enrollment = session.get(Enrollment, payment.enrollment_id)
-    assert enrollment is not None
+    payment, enrollment, course = found
     fields = _fields(event)
     mismatches: list[str] = []
     if event.external_transaction_id and event.external_transaction_id != payment.id:
@@ -92,13 +124,10 @@ def look_up_enrollment(session: Session, event: WebhookEvent, ctx: StageContext)
     currency = fields.get("currency")
     if isinstance(currency, str) and currency.upper() != payment.currency:
         mismatches.append(f"currency {currency[:8]}, expected {payment.currency}")
-    if (
-        payment.amount_cents != enrollment.course.price_cents
-        or payment.currency != enrollment.course.currency
-    ):
+    if payment.amount_cents != course.price_cents or payment.currency != course.currency:
         mismatches.append(
             f"payment of {payment.amount_cents} {payment.currency} does not match the course "
-            f"price of {enrollment.course.price_cents} {enrollment.course.currency}"
+            f"price of {course.price_cents} {course.currency}"
         )
     event.enrollment_id = enrollment.id
     event.checks = {"mismatches": mismatches, "enrollment_state": enrollment.state}
@@ -122,11 +151,13 @@ def ask_ikhokha_for_status(event_id: int, ctx: StageContext) -> LinkStatus | Non
     return ctx.gateway.get_status(paylink_id) if paylink_id else None
 
 
-def route_approval(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def route_approval(session: Session, event: Event, ctx: StageContext) -> None:
     """Decide the target state: card SUCCESS approves; anything uncertain waits for an admin."""
-    enrollment = session.get(Enrollment, event.enrollment_id)
-    payment = session.get(Payment, event.payment_id)
-    assert enrollment is not None and payment is not None
+    enrollment, payment = session.execute(
+        select(Enrollment, Payment)
+        .join(Payment, Payment.id == event.payment_id)
+        .where(Enrollment.id == event.enrollment_id)
+    ).one()
     status = event.callback_status
     if status == FAILURE:
         latest = latest_payment(session, enrollment.id)
@@ -190,7 +221,7 @@ def _unconfirmed(answer: LinkStatus | None, payment: Payment) -> list[str]:
     return disagreements(answer, payment)
 
 
-def update_status(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def update_status(session: Session, event: Event, ctx: StageContext) -> None:
     """Apply the decision through the state machine, under the enrollment's row lock.
 
     The transition is re-checked under the lock: whatever happened since routing (an admin's
@@ -223,13 +254,15 @@ def update_status(session: Session, event: WebhookEvent, ctx: StageContext) -> N
         event.outcome = f"no change: enrollment is {result.from_state}"
 
 
-def send_notifications(session: Session, event: WebhookEvent, ctx: StageContext) -> None:
+def send_notifications(session: Session, event: Event, ctx: StageContext) -> None:
     """Tell the student and the admins about the change this event made, if it made one."""
     if event.history_id is None:
         return
-    history = session.get(EnrollmentHistory, event.history_id)
-    enrollment = session.get(Enrollment, event.enrollment_id)
-    assert history is not None and enrollment is not None
+    history, enrollment = session.execute(
+        select(EnrollmentHistory, Enrollment)
+        .join(Enrollment, Enrollment.id == EnrollmentHistory.enrollment_id)
+        .where(EnrollmentHistory.id == event.history_id)
+    ).one()
     change = Transition(
         enrollment.id, Outcome.CHANGED, enrollment, history.from_state, history.to_state, history
     )

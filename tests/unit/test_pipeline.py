@@ -286,3 +286,33 @@ def test_backoff_grows_with_jitter_and_stays_bounded(settings):
     assert all(0.5 <= x <= 1 for x in first)
     assert all(15 <= x <= 30 for x in later)
     assert len(set(later)) > 1
+
+
+@pytest.mark.parametrize("count", [3, 120])
+def test_insert_many_returns_each_rows_id_in_order(session, count):
+    """Few rows go in with RETURNING; many as one JSON document with ids drawn first. Either
+    way each id is its own row's."""
+    from models import Notification
+    from models.db import insert_many
+
+    enrollment, _ = make_enrollment(session)
+    rows = [
+        {
+            "audience": "admins",
+            "user_id": None,
+            "enrollment_id": enrollment.id,
+            "kind": f"kind.{i}",
+            "payload": {"n": i, "text": 'quote " and é'},
+            "created_at": enrollment.created_at,
+        }
+        for i in range(count)
+    ]
+    ids = insert_many(session, Notification.__table__, rows)
+    assert len(set(ids)) == count and ids == sorted(ids)
+    stored = {
+        n.id: n for n in session.scalars(select(Notification).where(Notification.id.in_(ids)))
+    }
+    assert [(stored[i].kind, stored[i].payload) for i in ids] == [
+        (row["kind"], row["payload"]) for row in rows
+    ]
+    assert stored[ids[0]].created_at == enrollment.created_at
