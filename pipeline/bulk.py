@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -25,6 +26,7 @@ from pipeline.notify import notify
 from pipeline.payments import amounts_due
 from pipeline.state_machine import Outcome, Transition, transition_enrollments
 
+_ITEMS: Table = BulkJobItem.__table__  # type: ignore[assignment]
 BATCH_SIZE = 500
 MAX_ITEMS = 50_000
 
@@ -72,9 +74,9 @@ def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> 
             raise NotFound(f"bulk job {job_id} does not exist")
         if job.state == "done":
             return 0
-        items = list(
+        ids = list(
             session.scalars(
-                select(BulkJobItem)
+                select(BulkJobItem.enrollment_id)
                 .where(BulkJobItem.job_id == job_id, BulkJobItem.outcome == "pending")
                 .order_by(BulkJobItem.position)
                 .limit(batch_size)
@@ -85,7 +87,7 @@ def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> 
         if job.started_at is None:
             job.started_at = now
         job.state = "running"
-        if not items:
+        if not ids:
             remaining = session.scalar(
                 select(func.count())
                 .select_from(BulkJobItem)
@@ -95,7 +97,6 @@ def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> 
                 job.state = "done"
                 job.finished_at = now
             return 0
-        ids = [item.enrollment_id for item in items]
         amounts = amounts_due(session, ids) if settings.four_eyes_above_cents else {}
 
         def refuse(enrollment: Enrollment) -> str | None:
@@ -114,13 +115,34 @@ def run_batch(settings: Settings, job_id: str, batch_size: int = BATCH_SIZE) -> 
             only_from=frozenset({State.PENDING_APPROVAL}),
             refuse_if=refuse,
         )
-        for item in items:
-            result = results[item.enrollment_id]
-            item.finished_at = now
-            item.outcome = "approved" if result.changed else "skipped"
-            item.detail = None if result.changed else _why_skipped(result)
+        _record_outcomes(session, job_id, results, now)
         notify(session, settings, results.values())
-        return len(items)
+        return len(ids)
+
+
+def _record_outcomes(
+    session: Session, job_id: str, results: dict[int, Transition], at: datetime
+) -> None:
+    """Each item's outcome: the approved in one statement, the skipped with their reasons."""
+    approved = [i for i, result in results.items() if result.changed]
+    if approved:
+        session.execute(
+            update(_ITEMS)
+            .where(_ITEMS.c.job_id == job_id, _ITEMS.c.enrollment_id.in_(approved))
+            .values(outcome="approved", detail=None, finished_at=at)
+        )
+    skipped = [
+        {"item": i, "detail": _why_skipped(result)}
+        for i, result in results.items()
+        if not result.changed
+    ]
+    if skipped:
+        session.execute(
+            update(_ITEMS)
+            .where(_ITEMS.c.job_id == job_id, _ITEMS.c.enrollment_id == bindparam("item"))
+            .values(outcome="skipped", finished_at=at),
+            skipped,
+        )
 
 
 def _flagged(enrollment: Enrollment) -> str | None:

@@ -13,13 +13,16 @@ from typing import Any
 
 import redis
 import structlog
+from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from config import Settings
 from models import Enrollment, EnrollmentHistory, Notification, on_commit, utcnow
+from models.db import insert_many
 from pipeline.state_machine import Transition
 
 log = structlog.get_logger(__name__)
+_NOTIFICATIONS: Table = Notification.__table__  # type: ignore[assignment]
 
 ADMINS_CHANNEL = "skillpay:admins"
 
@@ -37,11 +40,7 @@ def notify(session: Session, settings: Settings, transitions: Iterable[Transitio
         if t.changed and t.enrollment is not None and t.history is not None
         for row in _rows(t.enrollment, t.history)
     ]
-    if not rows:
-        return
-    session.add_all(rows)
-    session.flush()
-    on_commit(session, lambda: publish(settings.redis_url, rows))
+    _store(session, settings, rows)
 
 
 def notify_news(
@@ -56,9 +55,16 @@ def notify_news(
     """News about an enrollment that is not a change of state: a partial refund (to the
     student and the admins), a flag for the admins alone (student=False)."""
     payload = {**_about(enrollment), **details, "at": utcnow().isoformat()}
-    rows = [r for r in _pair(enrollment, kind, payload) if student or r.audience == "admins"]
-    session.add_all(rows)
-    session.flush()
+    rows = [r for r in _pair(enrollment, kind, payload) if student or r["audience"] == "admins"]
+    _store(session, settings, rows)
+
+
+def _store(session: Session, settings: Settings, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows in one statement, and push them once the transaction commits."""
+    if not rows:
+        return
+    for row, row_id in zip(rows, insert_many(session, _NOTIFICATIONS, rows), strict=True):
+        row["id"] = row_id
     on_commit(session, lambda: publish(settings.redis_url, rows))
 
 
@@ -71,7 +77,7 @@ def _about(enrollment: Enrollment) -> dict[str, Any]:
     }
 
 
-def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notification]:
+def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[dict[str, Any]]:
     payload: dict[str, Any] = {
         **_about(enrollment),
         "from": history.from_state,
@@ -83,33 +89,44 @@ def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[Notificati
     return _pair(enrollment, f"enrollment.{history.to_state}", payload)
 
 
-def _pair(enrollment: Enrollment, kind: str, payload: dict[str, Any]) -> list[Notification]:
-    """The student's row and the admins' row of the same news."""
+def _pair(enrollment: Enrollment, kind: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The student's row and the admins' row of the same news (notifications columns)."""
+    now = utcnow()
     return [
-        Notification(
-            audience="student",
-            user_id=enrollment.user_id,
-            enrollment_id=enrollment.id,
-            kind=kind,
-            payload=payload,
-        ),
-        Notification(
-            audience="admins", user_id=None, enrollment_id=enrollment.id, kind=kind, payload=payload
-        ),
+        {
+            "audience": audience,
+            "user_id": user_id,
+            "enrollment_id": enrollment.id,
+            "kind": kind,
+            "payload": payload,
+            "created_at": now,
+        }
+        for audience, user_id in (("student", enrollment.user_id), ("admins", None))
     ]
 
 
-def publish(redis_url: str, rows: list[Notification]) -> None:
-    """Push the rows to their channels; without a Redis URL they are only stored."""
+# One round trip and one reply for a whole batch of pushes (a bulk approval makes thousands):
+# ARGV is channel, message, channel, message, ...
+_PUBLISH_ALL = """
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+
+
+def publish(redis_url: str, rows: list[dict[str, Any]]) -> None:
+    """Push the stored rows to their channels; without a Redis URL they are only stored."""
     if not redis_url:
         return
+    args: list[str] = []
+    for row in rows:
+        channel = (
+            ADMINS_CHANNEL if row["audience"] == "admins" else user_channel(row["user_id"] or 0)
+        )
+        args += (channel, json.dumps({"id": row["id"], "kind": row["kind"], **row["payload"]}))
     try:
-        pipe = _redis(redis_url).pipeline(transaction=False)
-        for row in rows:
-            channel = ADMINS_CHANNEL if row.audience == "admins" else user_channel(row.user_id or 0)
-            message = {"id": row.id, "kind": row.kind, **row.payload}
-            pipe.publish(channel, json.dumps(message))
-        pipe.execute()
+        _redis(redis_url).eval(_PUBLISH_ALL, 0, *args)
     except Exception as exc:  # noqa: BLE001 - a missed push is caught up from the table
         log.warning("notification.publish_failed", error=type(exc).__name__)
 

@@ -13,12 +13,18 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from models import Enrollment, EnrollmentHistory, PaymentMethod, State, utcnow
+from models.db import insert_many
 from pipeline.errors import InvalidTransition, NotFound
+
+_ENROLLMENTS: Table = Enrollment.__table__  # type: ignore[assignment]
+_HISTORY: Table = EnrollmentHistory.__table__  # type: ignore[assignment]
 
 # None is "no enrollment yet": the states a new enrollment may start in.
 ALLOWED: dict[State | None, frozenset[State]] = {
@@ -99,8 +105,9 @@ def lock_enrollments(session: Session, ids: Sequence[int]) -> dict[int, Enrollme
 
 
 def _history(
-    enrollment: Enrollment,
+    enrollment_id: int,
     from_state: str | None,
+    to_state: str,
     *,
     actor: str,
     actor_user_id: int | None,
@@ -108,32 +115,35 @@ def _history(
     reason: str | None,
     event_id: int | None,
     at: datetime,
-) -> EnrollmentHistory:
-    return EnrollmentHistory(
-        enrollment_id=enrollment.id,
-        from_state=from_state,
-        to_state=enrollment.state,
-        actor=actor,
-        actor_user_id=actor_user_id,
-        source=source,
-        reason=reason,
-        event_id=event_id,
-        created_at=at,
-    )
+) -> dict[str, Any]:
+    return {
+        "enrollment_id": enrollment_id,
+        "from_state": from_state,
+        "to_state": to_state,
+        "actor": actor,
+        "actor_user_id": actor_user_id,
+        "source": source,
+        "reason": reason,
+        "event_id": event_id,
+        "created_at": at,
+    }
 
 
-def _enter(enrollment: Enrollment, state: State, reason: str | None, at: datetime) -> None:
-    """Set the state and the columns that go with it."""
-    enrollment.state = state
-    enrollment.updated_at = at
+def entered(state: State, reason: str | None, at: datetime) -> dict[str, Any]:
+    """The columns that entering `state` sets, the state among them."""
+    values: dict[str, Any] = {
+        "state": state,
+        "updated_at": at,
+        # The approval queue's SLA clock runs from the latest move into the queue.
+        "waiting_since": at if state == State.PENDING_APPROVAL else None,
+    }
     if state == State.APPROVED:
-        enrollment.approved_at = at
-    # The approval queue's SLA clock runs from the latest move into the queue.
-    enrollment.waiting_since = at if state == State.PENDING_APPROVAL else None
+        values["approved_at"] = at
     if state == State.PENDING_APPROVAL:
-        enrollment.waiting_reason = reason
+        values["waiting_reason"] = reason
     if state == State.REJECTED:
-        enrollment.rejection_reason = reason
+        values["rejection_reason"] = reason
+    return values
 
 
 def create_enrollment(
@@ -164,18 +174,22 @@ def create_enrollment(
         expires_at=expires_at,
         created_at=now,
     )
-    _enter(enrollment, state, reason, now)
+    for key, value in entered(state, reason, now).items():
+        setattr(enrollment, key, value)
     session.add(enrollment)
     session.flush()
-    history = _history(
-        enrollment,
-        None,
-        actor=actor,
-        actor_user_id=actor_user_id,
-        source=source,
-        reason=reason,
-        event_id=None,
-        at=now,
+    history = EnrollmentHistory(
+        **_history(
+            enrollment.id,
+            None,
+            state,
+            actor=actor,
+            actor_user_id=actor_user_id,
+            source=source,
+            reason=reason,
+            event_id=None,
+            at=now,
+        )
     )
     session.add(history)
     session.flush()
@@ -206,6 +220,8 @@ def transition_enrollments(
     locked = lock_enrollments(session, ids)
     now = utcnow()
     results: dict[int, Transition] = {}
+    changing: list[tuple[Enrollment, str]] = []
+    ids = list(dict.fromkeys(ids))
     for enrollment_id in ids:
         enrollment = locked.get(enrollment_id)
         if enrollment is None:
@@ -231,25 +247,55 @@ def transition_enrollments(
                 enrollment_id, Outcome.REFUSED, enrollment, current, to_state, refusal=refusal
             )
             continue
-        _enter(enrollment, to_state, reason, now)
-        if payment_method is not None:
-            enrollment.payment_method = payment_method
-        history = _history(
-            enrollment,
-            current,
+        changing.append((enrollment, current))
+    if changing:
+        _write(
+            session,
+            changing,
+            to_state,
+            reason,
+            payment_method,
+            now,
+            results,
             actor=actor,
             actor_user_id=actor_user_id,
             source=source,
-            reason=reason,
             event_id=event_id,
-            at=now,
         )
-        session.add(history)
-        results[enrollment_id] = Transition(
-            enrollment_id, Outcome.CHANGED, enrollment, current, to_state, history
+    return {enrollment_id: results[enrollment_id] for enrollment_id in ids}
+
+
+def _write(
+    session: Session,
+    changing: list[tuple[Enrollment, str]],
+    to_state: State,
+    reason: str | None,
+    payment_method: PaymentMethod | None,
+    at: datetime,
+    results: dict[int, Transition],
+    **who: Any,
+) -> None:
+    """Apply the changes as statements over all the rows at once: one UPDATE of the
+    enrollments (the columns are the same for each) and one INSERT of their history rows. The
+    locked objects are brought up to date without being marked changed, so the session does
+    not write them again."""
+    values = entered(to_state, reason, at)
+    if payment_method is not None:
+        values["payment_method"] = payment_method
+    ids = [enrollment.id for enrollment, _ in changing]
+    session.execute(update(_ENROLLMENTS).where(_ENROLLMENTS.c.id.in_(ids)).values(**values))
+    rows = [
+        _history(enrollment.id, current, to_state, reason=reason, at=at, **who)
+        for enrollment, current in changing
+    ]
+    history_ids = insert_many(session, _HISTORY, rows)
+    for (enrollment, current), row, history_id in zip(changing, rows, history_ids, strict=True):
+        for key, value in values.items():
+            set_committed_value(enrollment, key, value)
+        history = EnrollmentHistory(id=history_id, **row)
+        results[enrollment.id] = Transition(
+            enrollment.id, Outcome.CHANGED, enrollment, current, to_state, history
         )
-    session.flush()
-    return results
 
 
 def transition_enrollment(
