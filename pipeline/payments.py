@@ -35,9 +35,21 @@ def latest_payment(session: Session, enrollment_id: int) -> Payment | None:
     return session.scalar(
         select(Payment)
         .where(Payment.enrollment_id == enrollment_id)
-        .order_by(Payment.created_at.desc())
+        .order_by(Payment.created_at.desc(), Payment.id.desc())
         .limit(1)
     )
+
+
+def latest_payments(session: Session, enrollment_ids: list[int]) -> dict[int, Payment]:
+    """Each enrollment's latest payment (as latest_payment), for a page of them in one query."""
+    latest: dict[int, Payment] = {}
+    for payment in session.scalars(
+        select(Payment)
+        .where(Payment.enrollment_id.in_(enrollment_ids))
+        .order_by(Payment.created_at, Payment.id)
+    ):
+        latest[payment.enrollment_id] = payment  # the latest wins
+    return latest
 
 
 def rand(cents: int) -> str:
@@ -47,14 +59,10 @@ def rand(cents: int) -> str:
 
 def amounts_due(session: Session, enrollment_ids: list[int]) -> dict[int, int]:
     """Each enrollment's latest payment amount (cents), in one query."""
-    due: dict[int, int] = {}
-    for enrollment_id, amount in session.execute(
-        select(Payment.enrollment_id, Payment.amount_cents)
-        .where(Payment.enrollment_id.in_(enrollment_ids))
-        .order_by(Payment.created_at)
-    ):
-        due[enrollment_id] = amount  # the latest wins
-    return due
+    return {
+        enrollment_id: payment.amount_cents
+        for enrollment_id, payment in latest_payments(session, enrollment_ids).items()
+    }
 
 
 def find_payment(

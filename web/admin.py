@@ -55,6 +55,7 @@ from web.schemas import (
     load_query,
 )
 from web.views import (
+    LIST_LOADS,
     ApprovalRequestView,
     AuditEntryView,
     FindingView,
@@ -64,6 +65,7 @@ from web.views import (
     StatementLineView,
     StatementView,
     dead_letter_view,
+    enrollment_list,
     enrollment_view,
     job_view,
 )
@@ -91,17 +93,17 @@ def queue():
         order = [column.desc() for column in order]
     rows = list(
         db().scalars(
-            stmt.order_by(*order).offset((q["page"] - 1) * q["per_page"]).limit(q["per_page"])
+            stmt.options(*LIST_LOADS)
+            .order_by(*order)
+            .offset((q["page"] - 1) * q["per_page"])
+            .limit(q["per_page"])
         )
     )
     sla = settings().approval_sla_hours * 3600
     requests = open_requests(db(), [e.id for e in rows])
     now = utcnow()
     items = []
-    for e in rows:
-        view = enrollment_view(db(), e, with_history=False)
-        view["student_email"] = e.user.email
-        view["course_title"] = e.course.title
+    for e, view in zip(rows, enrollment_list(db(), rows), strict=True):
         view["flagged"] = needs_individual_review(e)
         view["waiting_since"] = e.waiting_since.isoformat() if e.waiting_since else None
         if e.waiting_since is not None:

@@ -33,7 +33,7 @@ from pipeline.statements import find_references
 from web.auth import db, require_admin
 from web.extensions import settings
 from web.schemas import PageQuery, SearchQuery, load_query
-from web.views import enrollment_view, job_view
+from web.views import LIST_LOADS, enrollment_list, enrollment_view, job_view
 
 bp = Blueprint("console", __name__, url_prefix="/api/admin")
 
@@ -85,17 +85,12 @@ def search():
     )
     rows = session.scalars(
         select(Enrollment)
+        .options(*LIST_LOADS)
         .where(Enrollment.id.in_(ids))
         .order_by(Enrollment.created_at.desc(), Enrollment.id.desc())
         .limit(SEARCH_LIMIT)
     )
-    items = []
-    for enrollment in rows:
-        view = enrollment_view(session, enrollment, with_history=False)
-        view["student_email"] = enrollment.user.email
-        view["course_title"] = enrollment.course.title
-        items.append(view)
-    return jsonify({"items": items, "q": q})
+    return jsonify({"items": enrollment_list(session, list(rows)), "q": q})
 
 
 @bp.get("/enrollments/<id:enrollment_id>/trail")

@@ -9,7 +9,7 @@ from typing import Any
 
 from marshmallow import Schema, fields
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from models import (
     Course,
@@ -17,13 +17,14 @@ from models import (
     Enrollment,
     EnrollmentHistory,
     Notification,
+    Payment,
     PaymentMethod,
     State,
     User,
 )
 from pipeline.bulk import JobProgress
 from pipeline.errors import NotFound
-from pipeline.payments import latest_payment
+from pipeline.payments import latest_payment, latest_payments
 
 
 class PaymentView(Schema):
@@ -197,11 +198,19 @@ class JobView(Schema):
 
 
 def enrollment_view(
-    session: Session, enrollment: Enrollment, *, with_history: bool = True
+    session: Session,
+    enrollment: Enrollment,
+    *,
+    with_history: bool = True,
+    payments: dict[int, Payment] | None = None,
 ) -> dict[str, Any]:
-    """An enrollment as GET /api/enrollments/<id> shows it: its latest payment, its history."""
+    """An enrollment as GET /api/enrollments/<id> shows it: its latest payment, its history.
+    `payments`: the latest payments of a whole page, loaded at once (enrollment_list)."""
     view: dict[str, Any] = EnrollmentView().dump(enrollment)
-    payment = latest_payment(session, enrollment.id)
+    if payments is None:
+        payment = latest_payment(session, enrollment.id)
+    else:
+        payment = payments.get(enrollment.id)
     view["payment"] = PaymentView().dump(payment) if payment is not None else None
     if with_history:
         rows = session.scalars(
@@ -211,6 +220,24 @@ def enrollment_view(
         )
         view["history"] = HistoryView(many=True).dump(rows)
     return view
+
+
+def enrollment_list(session: Session, enrollments: list[Enrollment]) -> list[dict[str, Any]]:
+    """A page of enrollments as the admin lists show them (the queue, search): each with its
+    latest payment, its student's e-mail and its course's title, in a fixed number of queries
+    however long the page (load the enrollments with LIST_LOADS)."""
+    payments = latest_payments(session, [e.id for e in enrollments])
+    views = []
+    for enrollment in enrollments:
+        view = enrollment_view(session, enrollment, with_history=False, payments=payments)
+        view["student_email"] = enrollment.user.email
+        view["course_title"] = enrollment.course.title
+        views.append(view)
+    return views
+
+
+# Load an admin list's enrollments with their students and courses (enrollment_list).
+LIST_LOADS = (joinedload(Enrollment.user), joinedload(Enrollment.course))
 
 
 def job_view(progress: JobProgress) -> dict[str, Any]:

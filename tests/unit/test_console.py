@@ -344,3 +344,45 @@ def test_stage_durations_and_business_figures(client, session, settings):
     for stage in STAGE_NAMES:
         assert f'skillpay_stage_duration_seconds{{quantile="0.99",stage="{stage}"}}' in text
         assert f'skillpay_stage_runs_recent{{outcome="ok",stage="{stage}"}} 2.0' in text
+
+
+def statements_for(client, path: str, token: str) -> tuple[int, dict]:
+    """The SQL statements one request issues, and its answer."""
+    from sqlalchemy import event
+
+    from models import get_engine
+
+    seen: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        seen.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        answer = client.get(path, headers=auth(token))
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+    assert answer.status_code == 200
+    return len(seen), answer.json
+
+
+def test_the_queue_and_search_cost_the_same_few_queries_however_long_the_page(client, session):
+    _, token = make_user(session, role="admin")
+    for _ in range(2):
+        make_enrollment(session, method="eft", state=State.PENDING_APPROVAL)
+    session.commit()
+    queue = "/api/admin/enrollments?per_page=50"
+    search = "/api/admin/search?q=example.com"
+    few, answer = statements_for(client, queue, token)
+    assert len(answer["items"]) == 2
+    few_found, answer = statements_for(client, search, token)
+    assert len(answer["items"]) >= 2
+    for _ in range(12):
+        make_enrollment(session, method="eft", state=State.PENDING_APPROVAL)
+    session.commit()
+    many, answer = statements_for(client, queue, token)
+    assert len(answer["items"]) == 14
+    assert all(row["payment"] and row["student_email"] for row in answer["items"])
+    many_found, answer = statements_for(client, search, token)
+    assert len(answer["items"]) >= 14
+    assert (many, many_found) == (few, few_found)
