@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Insert, Table, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -76,31 +77,39 @@ def store_callback(
     kept = {k.lower(): v[:512] for k, v in headers.items() if k.lower() in KEPT_HEADERS}
     now = utcnow()
     dialect = db.get_bind().dialect if isinstance(db, Session) else db.dialect
-    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-    stmt = (
+    params = {
+        "dedupe_key": callback.dedupe_key,
+        "received_at": now,
+        "updated_at": now,
+        "path": path[:300],
+        "headers": kept,
+        "body": body,
+        "deliveries": 1,
+        "state": EventState.RECEIVED,
+        "stage": FIRST_STAGE,
+        "paylink_id": callback.paylink_id,
+        "external_transaction_id": callback.external_transaction_id,
+        "callback_status": callback.status,
+    }
+    stmt = _store_statement(dialect.name, tuple(params))
+    event_id, deliveries = db.execute(stmt, params).one()
+    return Received(event_id, duplicate=deliveries > 1)
+
+
+@functools.cache
+def _store_statement(dialect: str, columns: tuple[str, ...]) -> Insert:
+    """store_callback()'s statement, built once per dialect: its values are bound per call,
+    so a request does not build (and SQLAlchemy does not key and look up) a new statement."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
         insert(_EVENTS)
-        .values(
-            dedupe_key=callback.dedupe_key,
-            received_at=now,
-            updated_at=now,
-            path=path[:300],
-            headers=kept,
-            body=body,
-            deliveries=1,
-            state=EventState.RECEIVED,
-            stage=FIRST_STAGE,
-            paylink_id=callback.paylink_id,
-            external_transaction_id=callback.external_transaction_id,
-            callback_status=callback.status,
-        )
+        .values({name: bindparam(name, type_=_EVENTS.c[name].type) for name in columns})
         .on_conflict_do_update(
             index_elements=[_EVENTS.c.dedupe_key],
             set_={"deliveries": _EVENTS.c.deliveries + 1},
         )
         .returning(_EVENTS.c.id, _EVENTS.c.deliveries)
     )
-    event_id, deliveries = db.execute(stmt).one()
-    return Received(event_id, duplicate=deliveries > 1)
 
 
 def receive_callback(
