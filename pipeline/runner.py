@@ -7,6 +7,7 @@ the sweeper racing the original) finds the event past it and does nothing.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import Select, Table, func, select
+from sqlalchemy import Insert, Select, Table, Update, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -60,44 +61,64 @@ def lock_event(session: Session, event_id: int) -> WebhookEvent | None:
 
 _EVENTS: Table = WebhookEvent.__table__  # type: ignore[assignment]
 _ATTEMPTS: Table = StageAttempt.__table__  # type: ignore[assignment]
+_EVENT_COLUMNS = tuple(column.name for column in _EVENTS.columns)
+
+
+@functools.cache
+def _lock_statement(postgresql: bool, durable: bool) -> Select:
+    """The event's row, locked. A stage that need not commit durably switches
+    synchronous_commit off for its transaction in the same statement: losing such a commit
+    in a database crash loses only progress (the inbox row is durable, stages are idempotent,
+    and the sweeper re-drives the event), and not waiting for the WAL flush saves a disk sync
+    per hop. Built once each way; the event id is bound per call."""
+    stmt = select(*_EVENTS.columns).where(_EVENTS.c.id == bindparam("event_id")).with_for_update()
+    if postgresql and not durable:
+        stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
+    return stmt
 
 
 def _lock_for_stage(session: Session, event_id: int, durable: bool) -> EventRow | None:
-    """The event's row, locked, in one round trip. A stage that need not commit durably
-    switches synchronous_commit off for its transaction in the same statement."""
-    stmt = select(_EVENTS).where(_EVENTS.c.id == event_id).with_for_update()
-    if not durable and session.get_bind().dialect.name == "postgresql":
-        # Losing this commit in a database crash loses only progress: the inbox row is
-        # durable, stages are idempotent, and the sweeper re-drives the event. Not waiting
-        # for the WAL flush saves a disk sync per hop.
-        stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
-    row = session.execute(stmt).first()
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    row = session.execute(_lock_statement(postgresql, durable), {"event_id": event_id}).first()
     if row is None:
         return None
-    return EventRow(**{column.name: row._mapping[column] for column in _EVENTS.columns})
+    return EventRow(**dict(zip(_EVENT_COLUMNS, row, strict=False)))
+
+
+# Always written when a stage completes, whatever it found.
+_PROGRESS = ("state", "stage", "updated_at", "completed_at", "redeliveries", "retry_at")
+_ATTEMPT = ("event_id", "stage", "attempt", "outcome", "duration_ms", "created_at")
+
+
+@functools.cache
+def _progress_statement(postgresql: bool, columns: tuple[str, ...]) -> tuple[Update, Insert]:
+    """The UPDATE of the event's `columns` and the INSERT of the attempt row; on PostgreSQL
+    one statement (the INSERT as a CTE of the UPDATE). Built once per set of columns a stage
+    writes; the values are bound per call (the attempt's under `attempt_` names)."""
+    update_event = (
+        _EVENTS.update()
+        .where(_EVENTS.c.id == bindparam("event_id"))
+        .values({name: bindparam(name, type_=_EVENTS.c[name].type) for name in columns})
+    )
+    insert_attempt = _ATTEMPTS.insert().values(
+        {name: bindparam(f"attempt_{name}", type_=_ATTEMPTS.c[name].type) for name in _ATTEMPT}
+    )
+    if postgresql:
+        return update_event.add_cte(insert_attempt.cte("attempt")), None  # type: ignore[return-value]
+    return update_event, insert_attempt
 
 
 def _save_progress(session: Session, event: EventRow, before: dict, attempt: dict) -> None:
-    """Write what the stage changed on its event, and its attempt record: one statement on
-    PostgreSQL (the attempt's INSERT as a CTE of the event's UPDATE)."""
-    changes = {
-        name: getattr(event, name) for name in STAGE_OUTPUTS if getattr(event, name) != before[name]
-    }
-    changes |= {
-        "state": event.state,
-        "stage": event.stage,
-        "updated_at": event.updated_at,
-        "completed_at": event.completed_at,
-        "redeliveries": 0,
-        "retry_at": None,
-    }
-    update_event = _EVENTS.update().where(_EVENTS.c.id == event.id).values(**changes)
-    insert_attempt = _ATTEMPTS.insert().values(**attempt)
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(update_event.add_cte(insert_attempt.cte("attempt")))
-    else:
-        session.execute(update_event)
-        session.execute(insert_attempt)
+    """Write what the stage changed on its event, and its attempt record."""
+    changed = tuple(name for name in STAGE_OUTPUTS if getattr(event, name) != before[name])
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    update_event, insert_attempt = _progress_statement(postgresql, changed + _PROGRESS)
+    params = {name: getattr(event, name) for name in changed + _PROGRESS}
+    params |= {f"attempt_{name}": attempt[name] for name in _ATTEMPT}
+    params["event_id"] = event.id
+    session.execute(update_event, params)
+    if insert_attempt is not None:
+        session.execute(insert_attempt, params)
 
 
 def run_stage(
@@ -135,6 +156,8 @@ def run_stage(
         event.completed_at = None if following else now
         event.stage = following or stage
         event.updated_at = now
+        event.redeliveries = 0
+        event.retry_at = None
         _save_progress(
             session,
             event,
