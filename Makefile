@@ -79,6 +79,12 @@ bench: install ## Run the benchmarks against PostgreSQL, Redis and RabbitMQ; wri
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.stream
 	$(BIN)/python -m bench.brokers
+	$(BIN)/python -m bench.profile --label after
+
+.PHONY: profile
+profile: install ## Sample the receiver and a worker with py-spy; the top costs go into docs/benchmarks.md
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.profile --label after
 
 .PHONY: clean
 clean: ## Remove the virtual environment and local data
