@@ -3,6 +3,8 @@ burst of events, summed up into the top costs per request and per stage.
 
     .venv/bin/python -m bench.profile              # writes the profile section of docs/benchmarks.md
     .venv/bin/python -m bench.profile --label before --keep /tmp/prof   # keep the raw stacks
+    .venv/bin/python -m bench.profile --label before --stacks /tmp/prof --commit c8d5407
+                                                   # summarise stacks kept from an earlier run
 
 py-spy (`pip install -e '.[bench]'`) samples the running processes from outside, so the code
 measured is the code that runs; it needs to be allowed to ptrace them (root, or
@@ -16,6 +18,7 @@ import argparse
 import collections
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,12 +228,17 @@ def stage_table(profile: Profile) -> list[str]:
     return lines
 
 
-def report(label: str, receiver: Profile, pipeline: Profile, command: str) -> list[str]:
+def report(
+    label: str, receiver: Profile, pipeline: Profile, command: str, commit: str | None = None
+) -> list[str]:
+    measured = provenance(command)
+    if commit is not None:
+        measured = re.sub(r"commit \w+", f"commit {commit}", measured)
     return [
         f"<!-- profile-{label}:start -->",
         f"### Profile: {label}",
         "",
-        provenance(command),
+        measured,
         f"py-spy at {RATE} samples/s (wall clock: waiting on a socket counts). Receiver: one "
         f"gunicorn worker (4 threads) under 4 closed-loop senders, {receiver.total} samples "
         "inside the view. Pipeline: one Celery process running a burst of card callbacks to "
@@ -253,7 +261,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--label", default="after", help="the section's name: before or after")
     parser.add_argument("--keep", type=Path, help="keep the raw py-spy stacks in this folder")
+    parser.add_argument("--stacks", type=Path, help="summarise the stacks kept in this folder")
+    parser.add_argument("--commit", help="with --stacks: the commit they were sampled at")
     args = parser.parse_args()
+    if args.stacks is not None:
+        receiver = summarise(args.stacks / f"receiver-{args.label}.raw", "ikhokha_callback")
+        pipeline = summarise(
+            args.stacks / f"pipeline-{args.label}.raw",
+            "run_pipeline_stage",
+            group_by=(*STAGE_FUNCTIONS, *PLUMBING),
+        )
+        command = f".venv/bin/python -m bench.profile --label {args.label} (at {args.commit})"
+        lines = report(args.label, receiver, pipeline, command, args.commit)
+        replace_marked_section(lines[0], lines[-1], lines)
+        return
     database = BenchDatabase("skillpay_profile")
     env = dict(
         os.environ,
