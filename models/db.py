@@ -161,7 +161,8 @@ FEW_ROWS = 50
 
 
 def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert rows (column values by name) and return their new ids, in the rows' order.
+    """Insert rows (column values by name, the same columns in each) and return their new
+    ids, in the rows' order.
 
     On PostgreSQL two statements, however many rows: ids drawn from the table's sequence,
     then every row in one JSON document that jsonb_populate_recordset() turns into the
@@ -187,9 +188,10 @@ def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> l
         [{**row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)],
         default=_isoformat,
     )
+    columns = ", ".join(table.c[name].name for name in ("id", *rows[0]))
     session.execute(
         text(
-            f"INSERT INTO {table.name} SELECT * FROM "  # noqa: S608 - a table of ours
+            f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM "  # noqa: S608 - ours
             f"jsonb_populate_recordset(NULL::{table.name}, CAST(:rows AS jsonb))"
         ),
         {"rows": document},

@@ -91,7 +91,7 @@ _ATTEMPT = ("event_id", "stage", "attempt", "outcome", "duration_ms", "created_a
 
 
 @functools.cache
-def _progress_statement(postgresql: bool, columns: tuple[str, ...]) -> tuple[Update, Insert]:
+def _progress_statement(postgresql: bool, columns: tuple[str, ...]) -> tuple[Update, Insert | None]:
     """The UPDATE of the event's `columns` and the INSERT of the attempt row; on PostgreSQL
     one statement (the INSERT as a CTE of the UPDATE). Built once per set of columns a stage
     writes; the values are bound per call (the attempt's under `attempt_` names)."""
@@ -104,7 +104,7 @@ def _progress_statement(postgresql: bool, columns: tuple[str, ...]) -> tuple[Upd
         {name: bindparam(f"attempt_{name}", type_=_ATTEMPTS.c[name].type) for name in _ATTEMPT}
     )
     if postgresql:
-        return update_event.add_cte(insert_attempt.cte("attempt")), None  # type: ignore[return-value]
+        return update_event.add_cte(insert_attempt.cte("attempt")), None
     return update_event, insert_attempt
 
 
