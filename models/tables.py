@@ -194,18 +194,10 @@ class WebhookEvent(Base):
     """The inbox: each callback exactly as received, and how far the pipeline has taken it."""
 
     __tablename__ = "webhook_events"
-    # No index on a column every stage changes (state, stage, updated_at): each stage's
-    # update then stays on its page and writes no index entry (a HOT update, migration 0007).
-    # The sweeper and /metrics find unfinished events through a partial index.
-    __table_args__ = (
-        Index(
-            "ix_webhook_events_unfinished",
-            "id",
-            postgresql_where=text("state IN ('received', 'processing')"),
-            sqlite_where=text("state IN ('received', 'processing')"),
-        ),
-        {"postgresql_with": {"fillfactor": 80}},
-    )
+    # No index on a column every stage changes (stage, updated_at): a stage's update that
+    # changes no indexed column stays on its page and writes no index entry (a HOT update,
+    # migration 0007). Only the first and last stage change the state.
+    __table_args__ = ({"postgresql_with": {"fillfactor": 80}},)
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -214,7 +206,7 @@ class WebhookEvent(Base):
     headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
     body: Mapped[bytes] = mapped_column(LargeBinary)
     deliveries: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[str] = mapped_column(String(16), default=EventState.RECEIVED)
+    state: Mapped[str] = mapped_column(String(16), default=EventState.RECEIVED, index=True)
     # The next stage to run (or the one that failed, when dead).
     stage: Mapped[str] = mapped_column(String(32))
     paylink_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
