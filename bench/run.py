@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -201,24 +203,13 @@ def celery_worker(app: str, queue: str, env: dict[str, str], *extra: str) -> Ser
 
 
 def _sender(args: tuple[int, int, float, bool]) -> list[float]:
-    from pipeline.signing import compact_json, sign
-
     port, worker_id, duration, signed = args
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     latencies: list[float] = []
     deadline = time.perf_counter() + duration
     i = 0
     while time.perf_counter() < deadline:
-        body = compact_json(
-            {
-                "paylinkID": f"bench-{worker_id}-{i}-{uuid.uuid4().hex[:6]}",
-                "status": "SUCCESS",
-                "externalTransactionID": str(uuid.uuid4()),
-            }
-        )
-        headers = {"Content-Type": "application/json"}
-        if signed:
-            headers |= {"ik-appid": APP_ID, "ik-sign": sign(SECRET, "/webhooks/ikhokha", body)}
+        body, headers = _signed_request(worker_id, i, signed)
         start = time.perf_counter()
         conn.request("POST", "/webhooks/ikhokha", body=body, headers=headers)
         response = conn.getresponse()
@@ -327,14 +318,28 @@ def open_loop(port: int, rate: float, duration: float, signed: bool) -> dict[str
 # -- benchmarks -----------------------------------------------------------------------------
 
 
-def bench_receiver(env: dict[str, str], duration: float) -> list[dict]:
-    rows = []
+@contextmanager
+def ours_and_bare(env: dict[str, str], name: str) -> Iterator[tuple[int, int]]:
+    """Our app and the bare endpoint under gunicorn, side by side: their ports. Our events go
+    to a queue of their own, dropped afterwards: no worker takes them here."""
+    queue = f"{QUEUE}-{name}"
+    env = dict(env, SKILLPAY_CELERY_QUEUE=queue)
     ours_port, bare_port = free_port(), free_port()
-    # Its events go to a queue of their own, dropped afterwards: no worker takes them here.
-    env = dict(env, SKILLPAY_CELERY_QUEUE=QUEUE + "-receiver")
     ours = gunicorn("web.wsgi:app", ours_port, env)
     bare = gunicorn("bench.bare_app:app", bare_port, env)
     try:
+        yield ours_port, bare_port
+    finally:
+        ours.stop()
+        bare.stop()
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).delete(queue)
+
+
+def bench_receiver(env: dict[str, str], duration: float) -> list[dict]:
+    rows = []
+    with ours_and_bare(env, "receiver") as (ours_port, bare_port):
         for senders in (1, 8, 32):
             # Alternate, so slow drift on a noisy machine hits both alike.
             b = load(bare_port, senders, duration, signed=False)
@@ -345,12 +350,6 @@ def bench_receiver(env: dict[str, str], duration: float) -> list[dict]:
                 f"p99 {o['p99_ms']:.1f} ms | bare {b['rps']:.0f}/s p50 {b['p50_ms']:.1f} ms",
                 flush=True,
             )
-    finally:
-        ours.stop()
-        bare.stop()
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).delete(QUEUE + "-receiver")
     return rows
 
 
@@ -360,11 +359,7 @@ LATENCY_RATES = (100, 300, 600)
 def bench_latency(env: dict[str, str], duration: float) -> list[dict]:
     """Open loop: a fixed offered rate of callbacks, ours and the bare endpoint, p50 and p99."""
     rows = []
-    ours_port, bare_port = free_port(), free_port()
-    env = dict(env, SKILLPAY_CELERY_QUEUE=QUEUE + "-latency")
-    ours = gunicorn("web.wsgi:app", ours_port, env)
-    bare = gunicorn("bench.bare_app:app", bare_port, env)
-    try:
+    with ours_and_bare(env, "latency") as (ours_port, bare_port):
         for rate in LATENCY_RATES:
             b = open_loop(bare_port, rate, duration, signed=False)
             o = open_loop(ours_port, rate, duration, signed=True)
@@ -374,12 +369,6 @@ def bench_latency(env: dict[str, str], duration: float) -> list[dict]:
                 f"bare p50 {b['p50_ms']:.1f} ms p99 {b['p99_ms']:.1f} ms",
                 flush=True,
             )
-    finally:
-        ours.stop()
-        bare.stop()
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).delete(QUEUE + "-latency")
     return rows
 
 
