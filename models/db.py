@@ -162,7 +162,7 @@ FEW_ROWS = 50
 
 def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> list[int]:
     """Insert rows (column values by name, the same columns in each) and return their new
-    ids, in the rows' order.
+    ids, in the rows' order. A column left out gets the model's default, as with insert().
 
     On PostgreSQL two statements, however many rows: ids drawn from the table's sequence,
     then every row in one JSON document that jsonb_populate_recordset() turns into the
@@ -184,11 +184,12 @@ def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> l
         ).scalars()
     )
     ids.sort()
+    defaults = _python_defaults(table, rows[0])
     document = json.dumps(
-        [{**row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)],
+        [{**defaults, **row, "id": row_id} for row, row_id in zip(rows, ids, strict=True)],
         default=_isoformat,
     )
-    columns = ", ".join(table.c[name].name for name in ("id", *rows[0]))
+    columns = ", ".join(table.c[name].name for name in ("id", *defaults, *rows[0]))
     session.execute(
         text(
             f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM "  # noqa: S608 - ours
@@ -197,6 +198,22 @@ def insert_many(session: Session, table: Table, rows: list[dict[str, Any]]) -> l
         {"rows": document},
     )
     return ids
+
+
+def _python_defaults(table: Table, given: dict[str, Any]) -> dict[str, Any]:
+    """The values the model's Python-side defaults (created_at's utcnow, a 0, an empty dict)
+    give the columns the rows leave out: SQLAlchemy applies them to an INSERT it renders
+    itself, not to one fed from a JSON document."""
+    values: dict[str, Any] = {}
+    for column in table.columns:
+        default = column.default
+        if column.name in given or column.name == "id" or default is None:
+            continue
+        if default.is_scalar:  # type: ignore[attr-defined]
+            values[column.name] = default.arg  # type: ignore[attr-defined]
+        elif default.is_callable:  # type: ignore[attr-defined]
+            values[column.name] = default.arg(None)  # type: ignore[attr-defined]
+    return values
 
 
 def _isoformat(value: Any) -> str:

@@ -91,7 +91,6 @@ def _rows(enrollment: Enrollment, history: EnrollmentHistory) -> list[dict[str, 
 
 def _pair(enrollment: Enrollment, kind: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The student's row and the admins' row of the same news (notifications columns)."""
-    now = utcnow()
     return [
         {
             "audience": audience,
@@ -99,7 +98,6 @@ def _pair(enrollment: Enrollment, kind: str, payload: dict[str, Any]) -> list[di
             "enrollment_id": enrollment.id,
             "kind": kind,
             "payload": payload,
-            "created_at": now,
         }
         for audience, user_id in (("student", enrollment.user_id), ("admins", None))
     ]

@@ -316,3 +316,19 @@ def test_insert_many_returns_each_rows_id_in_order(session, count):
         (row["kind"], row["payload"]) for row in rows
     ]
     assert stored[ids[0]].created_at == enrollment.created_at
+
+
+@pytest.mark.parametrize("count", [3, 120])
+def test_insert_many_gives_left_out_columns_the_models_defaults(session, count):
+    from models import Notification
+    from models.db import insert_many
+
+    enrollment, _ = make_enrollment(session)
+    rows = [
+        {"audience": "admins", "user_id": None, "enrollment_id": enrollment.id, "kind": "k"}
+        for _ in range(count)
+    ]
+    ids = insert_many(session, Notification.__table__, rows)
+    stored = session.scalars(select(Notification).where(Notification.id.in_(ids))).all()
+    assert len(stored) == count
+    assert all(n.created_at is not None and n.payload == {} for n in stored)
