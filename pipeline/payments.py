@@ -32,23 +32,19 @@ def disagreements(answer: LinkStatus, payment: Payment) -> list[str]:
 
 
 def latest_payment(session: Session, enrollment_id: int) -> Payment | None:
-    return session.scalar(
-        select(Payment)
-        .where(Payment.enrollment_id == enrollment_id)
-        .order_by(Payment.created_at.desc(), Payment.id.desc())
-        .limit(1)
-    )
+    """The enrollment's newest payment (an enrollment has a few: a retry makes a new link)."""
+    return latest_payments(session, [enrollment_id]).get(enrollment_id)
 
 
 def latest_payments(session: Session, enrollment_ids: list[int]) -> dict[int, Payment]:
-    """Each enrollment's latest payment (as latest_payment), for a page of them in one query."""
+    """Each enrollment's newest payment, for a whole page of them in one query."""
     latest: dict[int, Payment] = {}
     for payment in session.scalars(
         select(Payment)
         .where(Payment.enrollment_id.in_(enrollment_ids))
         .order_by(Payment.created_at, Payment.id)
     ):
-        latest[payment.enrollment_id] = payment  # the latest wins
+        latest[payment.enrollment_id] = payment  # the newest wins
     return latest
 
 
